@@ -1,0 +1,66 @@
+"""The public Python calls: `analyze` and `plan` (analysis never changes the model)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from kshare.graph import Inspection, inspect_model
+from kshare.plan import SharingPlan
+from kshare.policy import Policy, build_plan
+from kshare.zoo import ModelSpec, default_input_size, load_model
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Everything `kshare analyze` shows: the inspected sites and the plan built from them."""
+
+    inspection: Inspection
+    plan: SharingPlan
+    spec: ModelSpec | None = None
+
+
+def analyze(
+    model: nn.Module | str,
+    policy: Policy | str = "all",
+    *,
+    match: str | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    min_size: int | None = None,
+    share_bias: bool | None = None,
+    input_size: Sequence[int] | str | None = None,
+    method: str = "auto",
+    spec: ModelSpec | None = None,
+) -> Analysis:
+    """Inspect `model` (a module, or a name `kshare.zoo` resolves) and plan its sharing.
+
+    `policy` is a `Policy` or a policy string (`all`, `stage`, `chunk:K`, `stage+chunk:K`);
+    keyword options override the matching fields of the policy. `spec` records where a
+    module came from (set automatically when `model` is a name).
+    """
+    if isinstance(model, str):
+        model, spec = load_model(model)
+    options = {
+        "match": match, "include": include, "exclude": exclude,
+        "min_size": min_size, "share_bias": share_bias,
+    }
+    if isinstance(policy, Policy):
+        policy = Policy.parse(policy.name, **({k: getattr(policy, k) for k in options} | _set(options)))
+    else:
+        policy = Policy.parse(policy, **_set(options))
+    size = input_size if input_size is not None else default_input_size(model, spec)
+    inspection = inspect_model(model, size, method=method)
+    plan = build_plan(inspection, policy, source=spec.ref if spec else None)
+    return Analysis(inspection=inspection, plan=plan, spec=spec)
+
+
+def _set(options: dict[str, object]) -> dict[str, object]:
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def plan(model: nn.Module | str, policy: Policy | str = "all", **options: object) -> SharingPlan:
+    """Shortcut for `analyze(model, policy, **options).plan`."""
+    return analyze(model, policy, **options).plan  # type: ignore[arg-type]

@@ -1,0 +1,36 @@
+"""Errors kshare raises on bad input: one class per kind, one line each, so the CLI can
+print the message and exit 2 without a traceback."""
+
+from __future__ import annotations
+
+
+class KShareError(Exception):
+    """Base class of every error caused by the user's input (not by a bug in kshare)."""
+
+
+class ModelNotFoundError(KShareError):
+    """A model name that no registry (kshare, torchvision, timm, a module or a file) knows."""
+
+
+class ModelBuildError(KShareError):
+    """The model's factory exists but raised while building it."""
+
+
+class WeightsError(KShareError):
+    """A `--weights` file that is missing, unreadable or does not fit the model."""
+
+
+class PolicyError(KShareError):
+    """A sharing policy string or option that cannot be understood or applied."""
+
+
+class InputSizeError(KShareError):
+    """An example input size that is malformed or that the model cannot run on."""
+
+
+class InspectError(KShareError):
+    """The model could be neither traced nor run on the example input."""
+
+
+class PlanError(KShareError):
+    """A sharing plan that is malformed or does not fit the model it is applied to."""

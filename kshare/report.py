@@ -1,0 +1,98 @@
+"""Render analyses for people (rich tables) and scripts (JSON); no computation here."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from kshare.api import Analysis
+
+
+def count(n: float) -> str:
+    """Parameter counts as people read them: 1.41M, 107.3K, 512."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}" if n / scale < 100 else f"{n / scale:.1f}{unit}"
+    return str(int(n))
+
+
+def size(n: float) -> str:
+    """Bytes in binary units: 5.38 MiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _members(names: tuple[str, ...], shown: int = 4) -> str:
+    if len(names) <= shown:
+        return ", ".join(names)
+    return ", ".join(names[: shown - 1]) + f", … {names[-1]} (+{len(names) - shown} more)"
+
+
+def _res(res: tuple[int, ...]) -> str:
+    return "x".join(map(str, res)) if res else "-"
+
+
+def render_analysis(analysis: Analysis, console: Console) -> None:
+    """The `kshare analyze` report: groups, totals, stage map, and what stays unshared."""
+    plan, insp = analysis.plan, analysis.inspection
+    name = analysis.spec.ref if analysis.spec else (plan.source or "model")
+    path = "torch.fx trace + shape propagation" if insp.method == "fx" else "forward hooks on one real pass"
+    console.print(
+        f"[bold]{name}[/]  policy [cyan]{plan.policy}[/] match [cyan]{plan.match}[/]"
+        f"{'' if plan.share_bias else ' (bias not shared)'}  input {','.join(map(str, insp.input_size))}"
+    )
+    console.print(f"{len(insp.sites)} conv layers found via {path}")
+    if insp.fallback_reason:
+        console.print(f"[yellow]fell back to hooks: {insp.fallback_reason}[/]")
+
+    if plan.groups:
+        table = Table(title="Sharing groups", title_justify="left")
+        for col, kw in (("group", {}), ("signature", {}), ("n", {"justify": "right"}), ("stage", {}),
+                        ("members", {"overflow": "fold"}), ("params saved", {"justify": "right"})):
+            table.add_column(col, **kw)
+        for g in plan.groups:
+            stages = ",".join(map(str, g.stages))
+            table.add_row(g.name, g.signature.describe(), str(len(g.members)), stages, _members(g.members),
+                          count(g.params_saved))
+        console.print(table)
+    for note in plan.notes:
+        console.print(f"[yellow]{note}[/]")
+
+    t = plan.totals
+    totals = Table(title="Totals", title_justify="left")
+    for col in ("", "before", "after", "ratio"):
+        totals.add_column(col, justify="right" if col else "left")
+    totals.add_row("parameters", f"{t.params_before:,}", f"{t.params_after:,}", f"{t.ratio:.2f}x")
+    totals.add_row("conv parameters", f"{t.conv_params_before:,}", f"{t.conv_params_after:,}", f"{t.conv_ratio:.2f}x")
+    totals.add_row("parameter bytes", size(t.param_bytes_before), size(t.param_bytes_after), "")
+    totals.add_row("state bytes (+buffers)", size(t.state_bytes_before), size(t.state_bytes_after), "")
+    console.print(totals)
+
+    stages = Table(title="Stage map (runs of one output resolution)", title_justify="left")
+    for col in ("stage", "resolution", "conv layers"):
+        stages.add_column(col, justify="right")
+    for stage, res, n in insp.stage_map():
+        stages.add_row(str(stage), _res(res), str(n))
+    console.print(stages)
+
+    if plan.unshared:
+        sigs = {s.name: s.signature.describe() for s in insp.sites}
+        left = Table(title=f"Left unshared ({len(plan.unshared)})", title_justify="left")
+        for col in ("layer", "signature", "reason"):
+            left.add_column(col)
+        for u in plan.unshared:
+            left.add_row(u.name, sigs.get(u.name, "-"), u.reason)
+        console.print(left)
+
+
+def analysis_json(analysis: Analysis) -> str:
+    """The plan as JSON (loadable by `SharingPlan.from_json`), plus the model's source spec."""
+    data: dict[str, Any] = analysis.plan.to_dict()
+    if analysis.spec is not None:
+        data["spec"] = analysis.spec.to_dict()
+    return json.dumps(data, indent=2)

@@ -1,0 +1,62 @@
+"""Shared fixtures: small models written here, so tests need no downloads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class DataDependentNet(nn.Module):
+    """A user model FX cannot trace: the branch taken depends on the input's values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.a = nn.Conv2d(16, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 3, padding=1)
+        self.down = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.c = nn.Conv2d(32, 32, 3, padding=1)
+        self.d = nn.Conv2d(32, 32, 3, padding=1)
+        self.unused = nn.Conv2d(32, 32, 3, padding=1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        if x.mean() > -1e9:  # always true, but only a real tensor can say so
+            x = torch.relu(self.a(x))
+        x = torch.relu(self.b(x))
+        x = torch.relu(self.down(x))
+        x = torch.relu(self.d(torch.relu(self.c(x))))
+        return self.head(x.mean((2, 3)))
+
+
+class PlainNet(nn.Module):
+    """The same layers without the data-dependent branch: FX can trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = DataDependentNet()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.body
+        x = torch.relu(m.a(torch.relu(m.stem(x))))
+        x = torch.relu(m.down(torch.relu(m.b(x))))
+        x = torch.relu(m.d(torch.relu(m.c(x))))
+        return m.head(x.mean((2, 3)))
+
+
+def make_data_dependent(**kwargs: object) -> nn.Module:
+    return DataDependentNet()
+
+
+@pytest.fixture
+def data_dependent_net() -> nn.Module:
+    torch.manual_seed(0)
+    return DataDependentNet()
+
+
+@pytest.fixture
+def plain_net() -> nn.Module:
+    torch.manual_seed(0)
+    return PlainNet()

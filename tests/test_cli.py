@@ -1,0 +1,110 @@
+"""The CLI through Typer's runner: reports, JSON, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from kshare.cli import app
+from kshare.plan import SharingPlan
+
+runner = CliRunner()
+NET = "from torch import nn\ndef net():\n    return nn.Sequential(nn.Conv2d(3, {a}, 3), nn.Conv2d({a}, {b}, 3))\n"
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def test_default_model_report() -> None:
+    code, out = run("analyze")
+    assert code == 0, out
+    assert "kshare:convmixer_256_16" in out and "13.13x" in out
+    assert "Left unshared" in out and "alone in its signature" in out
+    assert "Stage map" in out
+
+
+def test_json_output_is_a_plan() -> None:
+    code, out = run("analyze", "resnet18", "--groups", "stage", "--json")
+    assert code == 0, out
+    plan = SharingPlan.from_json(out)
+    assert plan.policy == "stage" and plan.source == "torchvision:resnet18" and plan.groups
+
+
+def test_options_reach_the_policy() -> None:
+    code, out = run("analyze", "resnet18", "-g", "stage+chunk:2", "--exclude", "layer4.*", "--match", "shape",
+                    "--min-size", "2", "--input-size", "3,64,64", "--json")
+    assert code == 0, out
+    plan = SharingPlan.from_json(out)
+    assert plan.policy == "stage+chunk:2" and plan.match == "shape" and plan.input_size == (3, 64, 64)
+    assert all(len(g.members) <= 2 for g in plan.groups)
+    assert not any(m.startswith("layer4.") for g in plan.groups for m in g.members)
+
+
+def test_user_model_from_file_via_fallback() -> None:
+    conftest = Path(__file__).with_name("conftest.py")
+    code, out = run("analyze", f"{conftest}:make_data_dependent", "--input-size", "3,16,16", "-g", "stage")
+    assert code == 0, out
+    assert "fell back to hooks" in out and "never called" in out
+
+
+def test_policy_matching_nothing_says_so(tmp_path: Path) -> None:
+    src = tmp_path / "net.py"
+    src.write_text(NET.format(a=8, b=4))
+    code, out = run("analyze", f"{src}:net", "--input-size", "3,16,16")
+    assert code == 0 and "forms no sharing group" in out
+
+
+def test_models_listing() -> None:
+    code, out = run("models", "convmixer_256*")
+    assert code == 0
+    assert "kshare:convmixer_256_16" in out and "kshare:convmixer_256_16_shared" in out
+
+
+def _weights(tmp_path: Path, out_channels: int) -> str:
+    path = tmp_path / f"w{out_channels}.pt"
+    net = nn.Sequential(nn.Conv2d(3, out_channels, 3), nn.Conv2d(out_channels, out_channels, 3))
+    torch.save(net.state_dict(), path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["analyze", "resnt50"], "unknown model 'resnt50'; did you mean"),
+        (["analyze", "resnet18", "--groups", "stag"], "bad policy 'stag'"),
+        (["analyze", "resnet18", "--groups", "chunk:1"], "chunk size must be at least 2"),
+        (["analyze", "resnet18", "--input-size", "3,abc"], "bad input size"),
+        (["analyze", "resnet18", "--input-size", "3,224"], "convolutions are 2-D"),
+        (["analyze", "vit_b_16", "--input-size", "3,64,64"], "failed on an example input"),
+        (["analyze", "resnet18", "--weights", "/no/such/file.pt"], "file not found"),
+        (["analyze", "resnet18", "--exclude", "nothing*"], "matches no convolution"),
+        (["analyze", "resnet18", "--kwarg", "pretrained=True"], "never downloads"),
+        (["analyze", "resnet18", "--kwarg", "oops"], "expected KEY=VALUE"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args: list[str], message: str) -> None:
+    code, out = run(*args)
+    assert code == 2, out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out
+
+
+def test_weights_that_do_not_fit(tmp_path: Path) -> None:
+    src = tmp_path / "net.py"
+    src.write_text(NET.format(a=8, b=8))
+    code, out = run("analyze", f"{src}:net", "--input-size", "3,16,16", "--weights", _weights(tmp_path, 8))
+    assert code == 0, out
+    code, out = run("analyze", f"{src}:net", "--input-size", "3,16,16", "--weights", _weights(tmp_path, 5))
+    assert code == 2 and out.startswith("error: weights") and "do not fit the model" in out
+    assert len(out.strip().splitlines()) == 1
+
+
+def test_bad_match_choice_exits_2() -> None:
+    code, out = run("analyze", "resnet18", "--match", "fuzzy")
+    assert code == 2 and "fuzzy" in out

@@ -1,0 +1,121 @@
+"""Policy semantics on real models: scopes, chunks, globs, min_size, match modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import kshare
+from kshare.graph import inspect_model
+from kshare.policy import Policy, build_plan
+
+
+@pytest.fixture(scope="module")
+def resnet50_inspection() -> kshare.Inspection:
+    return inspect_model(torchvision.models.resnet50(), (3, 224, 224))
+
+
+def _check_partition(insp: kshare.Inspection, plan: kshare.SharingPlan) -> None:
+    """Every conv is in exactly one group or listed as unshared, and groups are isomorphic."""
+    grouped = [m for g in plan.groups for m in g.members]
+    left = [u.name for u in plan.unshared]
+    assert sorted(grouped + left) == sorted([s.name for s in insp.sites] + list(insp.unused))
+    sites = {s.name: s for s in insp.sites}
+    for g in plan.groups:
+        keys = {sites[m].signature.key(plan.match) for m in g.members}
+        assert len(keys) == 1 and len(g.members) >= 2
+
+
+def test_stage_never_mixes_resolutions(resnet50_inspection: kshare.Inspection) -> None:
+    plan = build_plan(resnet50_inspection, "stage")
+    sites = {s.name: s for s in resnet50_inspection.sites}
+    for g in plan.groups:
+        assert len({sites[m].resolution for m in g.members}) == 1
+        assert len(g.stages) == 1
+    _check_partition(resnet50_inspection, plan)
+
+
+def test_all_saves_at_least_as_much_as_stage(resnet50_inspection: kshare.Inspection) -> None:
+    every, stage = build_plan(resnet50_inspection, "all"), build_plan(resnet50_inspection, "stage")
+    assert every.totals.params_after <= stage.totals.params_after < stage.totals.params_before
+    _check_partition(resnet50_inspection, every)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_chunk_groups_have_at_most_k_members(resnet50_inspection: kshare.Inspection, k: int) -> None:
+    plan = build_plan(resnet50_inspection, f"chunk:{k}")
+    assert plan.groups and all(len(g.members) <= k for g in plan.groups)
+    order = {s.name: s.order for s in resnet50_inspection.sites}
+    for g in plan.groups:  # consecutive runs: members keep execution order
+        assert [order[m] for m in g.members] == sorted(order[m] for m in g.members)
+    _check_partition(resnet50_inspection, plan)
+    staged = build_plan(resnet50_inspection, f"stage+chunk:{k}")
+    assert all(len(g.members) <= k and len(g.stages) == 1 for g in staged.groups)
+
+
+def test_chunks_are_even() -> None:
+    net = nn.Sequential(*[nn.Conv2d(8, 8, 3, padding=1) for _ in range(5)])
+    plan = kshare.plan(net, "chunk:4", input_size=(8, 8, 8))
+    assert [len(g.members) for g in plan.groups] == [3, 2]
+
+
+def test_exclude_and_include_are_honoured(resnet50_inspection: kshare.Inspection) -> None:
+    plan = build_plan(resnet50_inspection, Policy(exclude=("layer4.*", "layer1.0.*")))
+    members = [m for g in plan.groups for m in g.members]
+    assert not any(m.startswith(("layer4.", "layer1.0.")) for m in members)
+    reasons = {u.name: u.reason for u in plan.unshared}
+    assert reasons["layer4.1.conv2"] == "excluded by 'layer4.*'"
+    only = build_plan(resnet50_inspection, Policy(include=("layer3.*",)))
+    assert only.groups and all(m.startswith("layer3.") for g in only.groups for m in g.members)
+    assert {u.reason for u in only.unshared if not u.name.startswith("layer3.")} == {"not matched by --include"}
+
+
+def test_glob_that_matches_nothing_is_an_error(resnet50_inspection: kshare.Inspection) -> None:
+    with pytest.raises(kshare.PolicyError, match="matches no convolution"):
+        build_plan(resnet50_inspection, Policy(exclude=("layr4.*",)))
+
+
+def test_min_size(resnet50_inspection: kshare.Inspection) -> None:
+    plan = build_plan(resnet50_inspection, Policy(scope="stage", min_size=4))
+    assert all(len(g.members) >= 4 for g in plan.groups)
+    assert any("below min_size 4" in u.reason for u in plan.unshared)
+
+
+def test_policy_that_matches_nothing_says_so() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 16, 3), nn.Conv2d(16, 32, 3))
+    plan = kshare.plan(net, "all", input_size=(3, 16, 16))
+    assert plan.is_empty and plan.totals.params_after == plan.totals.params_before
+    assert any("forms no sharing group" in n for n in plan.notes)
+    assert {u.reason for u in plan.unshared} == {"alone in its signature"}
+
+
+def test_shape_match_lets_strides_share() -> None:
+    net = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1))
+    assert kshare.plan(net, "all", input_size=(8, 16, 16)).is_empty
+    shape = kshare.plan(net, "all", match="shape", input_size=(8, 16, 16))
+    assert [g.members for g in shape.groups] == [("0", "1")]
+    assert shape.totals.params_before - shape.totals.params_after == 8 * 8 * 9 + 8
+
+
+def test_share_bias_off_counts_only_kernels() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(*[nn.Conv2d(4, 4, 3, padding=1) for _ in range(3)])
+    with_bias = kshare.plan(net, input_size=(4, 8, 8))
+    without = kshare.plan(net, input_size=(4, 8, 8), share_bias=False)
+    assert with_bias.groups[0].params_saved == 2 * (4 * 4 * 9 + 4)
+    assert without.groups[0].params_saved == 2 * (4 * 4 * 9)
+
+
+@pytest.mark.parametrize("spec", ["stag", "chunk:1", "chunk:x", "all+all", "stage+chunk:2+chunk:3", ""])
+def test_bad_policy_strings(spec: str) -> None:
+    with pytest.raises(kshare.PolicyError):
+        Policy.parse(spec)
+
+
+def test_policy_names_round_trip() -> None:
+    for spec in ("all", "stage", "chunk:3", "stage+chunk:5"):
+        policy = Policy.parse(spec)
+        assert Policy.parse(policy.name) == policy
+    assert Policy.parse("chunk:3").name == "all+chunk:3"
