@@ -40,7 +40,7 @@ class ConvSite:
 
     @property
     def resolution(self) -> tuple[int, ...]:
-        """Spatial size of the output: what `stage` groups by."""
+        """Spatial size of the output: what stages are runs of."""
         return self.output_shape[2:]
 
 
@@ -209,6 +209,12 @@ class _ShapeInterpreter(fx.Interpreter):
             return super().call_module(target, args, kwargs)
 
 
+def _pooled_inside(res: tuple[int, ...], stage_res: tuple[int, ...] | None) -> bool:
+    """A conv on a globally pooled tensor (squeeze-excitation) inside a larger stage: it
+    belongs to that stage instead of splitting it in two."""
+    return bool(res) and all(d == 1 for d in res) and stage_res is not None and any(d != 1 for d in stage_res)
+
+
 def _example_input(model: nn.Module, input_size: tuple[int, ...]) -> torch.Tensor:
     ref = next((p for p in model.parameters() if p.is_floating_point()), None)
     device = ref.device if ref is not None else torch.device("cpu")
@@ -280,12 +286,12 @@ def inspect_model(
 
     canon = _canonical_names(model)
     sites: list[ConvSite] = []
-    stage, last_res = -1, None
+    stage, stage_res = -1, None
     for order, (name, (in_shape, out_shape, calls)) in enumerate(recorder.calls.items()):
         module = model.get_submodule(name)
         res = out_shape[2:]
-        if res != last_res:
-            stage, last_res = stage + 1, res
+        if res != stage_res and not _pooled_inside(res, stage_res):
+            stage, stage_res = stage + 1, res
         sites.append(
             ConvSite(
                 name=name,

@@ -4,7 +4,9 @@ A policy string names the scope and an optional split, joined by `+`:
 
 - `all`: every set of isomorphic convolutions in the model shares one kernel (the paper's
   extreme point);
-- `stage`: the same, but only within a stage, a run of sites with one output resolution;
+- `stage`: the same, but only within a stage, a run of sites with one output resolution
+  (convs on globally pooled tensors, such as squeeze-excitation, stay in their stage but
+  group only among themselves: a group never mixes resolutions);
 - `chunk:K`: split each group into consecutive runs of at most K members, as even as
   possible (`chunk:4` alone means `all+chunk:4`; `stage+chunk:4` splits stage groups).
 
@@ -121,9 +123,10 @@ def build_plan(inspection: Inspection, policy: Policy | str, source: str | None 
         if len(members) == 1:
             unshared.append(Unshared(members[0].name, "alone in its signature"))
             continue
-        scoped: dict[int, list[ConvSite]] = {}
+        scoped: dict[tuple[object, ...], list[ConvSite]] = {}
         for site in members:
-            scoped.setdefault(site.stage if policy.scope == "stage" else 0, []).append(site)
+            scope = (site.stage, site.resolution) if policy.scope == "stage" else ()
+            scoped.setdefault(scope, []).append(site)
         for stage_members in scoped.values():
             if len(stage_members) == 1:
                 unshared.append(Unshared(stage_members[0].name, "alone in its signature within its stage"))

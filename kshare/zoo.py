@@ -271,7 +271,9 @@ def default_input_size(model: nn.Module, spec: ModelSpec | None = None) -> tuple
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and cfg.get("input_size"):
         size = tuple(int(d) for d in cfg["input_size"])
-        img = (spec.kwargs.get("img_size") if spec else None) or None
+        kwargs = spec.kwargs if spec else {}
+        chans = int(kwargs.get("in_chans", size[0]))
+        img = kwargs.get("img_size")
         if isinstance(img, int):
             size = (size[0], img, img)
         elif isinstance(img, (tuple, list)) and len(img) == 2:

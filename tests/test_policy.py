@@ -119,3 +119,15 @@ def test_policy_names_round_trip() -> None:
         policy = Policy.parse(spec)
         assert Policy.parse(policy.name) == policy
     assert Policy.parse("chunk:3").name == "all+chunk:3"
+
+
+def test_squeeze_excitation_convs_do_not_split_stages() -> None:
+    """EfficientNet's SE convs run on 1x1 pooled tensors; they must not cut every block into
+    its own stage (which would leave `stage` nothing to share)."""
+    insp = inspect_model(torchvision.models.efficientnet_b0(), (3, 224, 224))
+    main = {s.resolution for s in insp.sites if s.resolution != (1, 1)}
+    assert len({s.stage for s in insp.sites}) == len(main)
+    plan = build_plan(insp, "stage")
+    assert plan.totals.ratio > 1.0
+    sites = {s.name: s for s in insp.sites}
+    assert all(len({sites[m].resolution for m in g.members}) == 1 for g in plan.groups)
