@@ -1,7 +1,11 @@
 """kshare: retrofit inter-layer kernel sharing onto existing PyTorch CNNs."""
 
+from kshare._version import __version__
 from kshare.api import Analysis, analyze, plan
+from kshare.checkpoint import load, save
 from kshare.errors import (
+    CheckpointError,
+    ExportError,
     InputSizeError,
     InspectError,
     KShareError,
@@ -11,17 +15,19 @@ from kshare.errors import (
     PolicyError,
     WeightsError,
 )
+from kshare.export import export_onnx, export_safetensors
 from kshare.graph import ConvSite, Inspection, inspect_model
 from kshare.plan import Group, SharingPlan, Totals, Unshared
 from kshare.policy import Policy, build_plan
 from kshare.signature import Signature
+from kshare.surgery import plan_of, tie, untie
 from kshare.zoo import ModelSpec, load_model
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Analysis",
+    "CheckpointError",
     "ConvSite",
+    "ExportError",
     "Group",
     "InputSizeError",
     "InspectError",
@@ -38,9 +44,17 @@ __all__ = [
     "Totals",
     "Unshared",
     "WeightsError",
+    "__version__",
     "analyze",
     "build_plan",
+    "export_onnx",
+    "export_safetensors",
     "inspect_model",
+    "load",
     "load_model",
     "plan",
+    "plan_of",
+    "save",
+    "tie",
+    "untie",
 ]

@@ -10,7 +10,7 @@ from torch import nn
 from kshare.graph import Inspection, inspect_model
 from kshare.plan import SharingPlan
 from kshare.policy import Policy, build_plan
-from kshare.zoo import ModelSpec, default_input_size, load_model
+from kshare.zoo import ModelSpec, default_input_size, load_model, spec_of
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ def analyze(
     """
     if isinstance(model, str):
         model, spec = load_model(model)
+    spec = spec or spec_of(model)
     options = {
         "match": match, "include": include, "exclude": exclude,
         "min_size": min_size, "share_bias": share_bias,

@@ -34,3 +34,11 @@ class InspectError(KShareError):
 
 class PlanError(KShareError):
     """A sharing plan that is malformed or does not fit the model it is applied to."""
+
+
+class CheckpointError(KShareError):
+    """A checkpoint that is missing, unsafe, truncated, foreign, or does not fit the model."""
+
+
+class ExportError(KShareError):
+    """An export that cannot be written or that would not keep shared tensors shared."""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from kshare.api import Analysis
+from kshare.plan import SharingPlan
 
 
 def count(n: float) -> str:
@@ -96,3 +98,47 @@ def analysis_json(analysis: Analysis) -> str:
     if analysis.spec is not None:
         data["spec"] = analysis.spec.to_dict()
     return json.dumps(data, indent=2)
+
+
+def _groups_table(groups: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col, kw in (("group", {}), ("signature", {}), ("n", {"justify": "right"}), ("init", {}),
+                    ("members", {"overflow": "fold"}), ("params saved", {"justify": "right"})):
+        table.add_column(col, **kw)
+    from kshare.signature import Signature
+
+    for g in groups:
+        table.add_row(g["name"], Signature.from_dict(g["signature"]).describe(), str(len(g["members"])), g["init"],
+                      _members(tuple(g["members"])), count(g["params_saved"]))
+    return table
+
+
+def render_applied(plan: SharingPlan | None, path: Path, console: Console) -> None:
+    """What `kshare apply` did: the groups tied, the savings, the file written."""
+    if plan is None or not plan.groups:
+        console.print("[yellow]no sharing group was tied: the saved model is unchanged[/]")
+    else:
+        console.print(_groups_table([g.to_dict() for g in plan.groups], f"Tied {len(plan.groups)} groups"))
+        t = plan.totals
+        console.print(f"parameters {t.params_before:,} → {t.params_after:,} ({t.ratio:.2f}x fewer)")
+    console.print(f"wrote {path} ({size(path.stat().st_size)})")
+
+
+def render_info(summary: dict[str, Any], console: Console) -> None:
+    """`kshare info`: source, plan, figures, groups."""
+    console.print(f"[bold]{summary['path']}[/]  {size(summary['file_bytes'])}  "
+                  f"(kshare {summary['kshare_version']})")
+    console.print(f"source: {summary['source'] or 'a user model (pass it to kshare.load)'}"
+                  + (f"  kwargs {summary['kwargs']}" if summary["kwargs"] else ""))
+    console.print(f"tensors stored: {summary['tensors_stored']} ({size(summary['stored_tensor_bytes'])}), "
+                  f"{summary['aliases']} more names alias them (untied: {size(summary['untied_tensor_bytes'])})")
+    plan = summary["plan"]
+    if not plan:
+        console.print("not tied: no sharing plan in this checkpoint")
+        return
+    t = plan["totals"]
+    console.print(f"plan: policy [cyan]{plan['policy']}[/] match [cyan]{plan['match']}[/], "
+                  f"{len(plan['groups'])} groups; parameters {t['params_before']:,} → {t['params_after']:,} "
+                  f"({t['ratio']:.2f}x fewer)")
+    if plan["groups"]:
+        console.print(_groups_table(plan["groups"], "Groups"))

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kshare.errors import ModelBuildError, ModelNotFoundError, WeightsError
+from kshare.errors import KShareError, ModelBuildError, ModelNotFoundError, WeightsError
 from kshare.safeio import safe_load
 from kshare.signature import is_conv
 
@@ -61,6 +61,23 @@ class ModelSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "name": self.name, "kwargs": dict(self.kwargs)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelSpec:
+        return cls(str(data["source"]), str(data["name"]), dict(data.get("kwargs") or {}))
+
+
+_SPEC_ATTR = "_kshare_spec"
+
+
+def spec_of(model: nn.Module) -> ModelSpec | None:
+    """Where `model` came from, if `load_model` (or `kshare.load`) built it."""
+    return getattr(model, _SPEC_ATTR, None)
+
+
+def attach_spec(model: nn.Module, spec: ModelSpec) -> nn.Module:
+    object.__setattr__(model, _SPEC_ATTR, spec)
+    return model
 
 
 def kshare_names() -> list[str]:
@@ -237,11 +254,10 @@ def _unwrap_state(obj: Any) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Copy a local state dict into `model` (copy mode: any aliasing in the model is kept)."""
-    path = Path(path)
-    obj = safe_load(path, WeightsError)
-    state = _unwrap_state(obj)
+def check_state_fits(
+    model: nn.Module, state: Mapping[str, torch.Tensor], error: type[KShareError], what: str
+) -> None:
+    """Raise `error` in one line unless `state` has exactly the model's keys and shapes."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -256,7 +272,15 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
             parts.append(f"{len(missing)} missing key(s) (e.g. {missing[0]})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s) (e.g. {unexpected[0]})")
-        raise WeightsError(f"weights {path} do not fit the model: {'; '.join(parts)}")
+        raise error(f"{what} do not fit the model: {'; '.join(parts)}")
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Copy a local state dict into `model` (copy mode: any aliasing in the model is kept)."""
+    path = Path(path)
+    obj = safe_load(path, WeightsError)
+    state = _unwrap_state(obj)
+    check_state_fits(model, state, WeightsError, f"weights {path}")
     model.load_state_dict(state, strict=True)
     return model
 
@@ -292,7 +316,7 @@ def load_model(
 ) -> tuple[nn.Module, ModelSpec]:
     """Resolve, build and optionally load weights: the one call the CLI needs."""
     spec = resolve(name, kwargs)
-    model = build(spec)
+    model = attach_spec(build(spec), spec)
     if weights is not None:
         load_weights(model, weights)
     return model, spec

@@ -1,0 +1,110 @@
+"""Export a (tied) model so that every shared tensor is stored once: ONNX and safetensors.
+
+ONNX: PyTorch's TorchScript-based exporter (`dynamo=False`) emits one initializer per
+parameter object, so a tied kernel is one initializer used by many Conv nodes. The
+`torch.export`-based exporter has open problems with tied parameters, so kshare does not
+use it. `export_onnx` checks the result: the file must not be much larger than the model's
+unique tensors.
+
+safetensors refuses tensors that share memory; kshare stores each shared tensor once and
+records the other names in the file's metadata, next to the source spec and the plan, so
+`kshare.load` re-ties a model from a `.safetensors` file as from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kshare.checkpoint import atomic_write, checkpoint_payload, state_bytes
+from kshare.errors import CheckpointError, ExportError
+from kshare.graph import parse_input_size
+from kshare.safeio import safe_load
+from kshare.zoo import default_input_size, spec_of
+
+SAFETENSORS_FORMAT = "kshare.safetensors/1"
+ONNX_SLACK = 1.05
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    input_size: Sequence[int] | str | None = None,
+    opset: int = 17,
+) -> Path:
+    """Write `model` (eval mode, batch dimension dynamic) as ONNX with shared initializers."""
+    size = parse_input_size(input_size) if input_size is not None else default_input_size(model, spec_of(model))
+    ref = next(iter(model.parameters()), None)
+    x = torch.randn(1, *size, dtype=ref.dtype if ref is not None else torch.float32,
+                    device=ref.device if ref is not None else "cpu")
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, (x,), str(tmp), dynamo=False, opset_version=opset,
+                input_names=["input"], output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            )
+        limit = ONNX_SLACK * state_bytes(model.state_dict()) + 2**20
+        if tmp.stat().st_size > limit:
+            raise ExportError(
+                f"ONNX export stored {tmp.stat().st_size:,} bytes for {state_bytes(model.state_dict()):,} bytes "
+                "of unique tensors: shared kernels were duplicated; file not written"
+            )
+
+    try:
+        return atomic_write(path, write)
+    except ExportError:
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {first[:200]}") from None
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def export_safetensors(model: nn.Module, path: str | Path) -> Path:
+    """Write the unique tensors plus spec, plan and alias table as safetensors metadata."""
+    from safetensors.torch import save_file
+
+    payload = checkpoint_payload(model)
+    tensors = {k: v.contiguous().clone() for k, v in payload["state"].items()}
+    metadata = {
+        "format": SAFETENSORS_FORMAT,
+        "kshare_version": str(payload["kshare_version"]),
+        "spec": json.dumps(payload["spec"]),
+        "plan": json.dumps(payload["plan"]),
+        "aliases": json.dumps(payload["aliases"]),
+    }
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def read_safetensors(path: str | Path) -> dict[str, Any]:
+    """A safetensors export as a checkpoint payload (for `kshare.checkpoint.restore`)."""
+    from safetensors import safe_open
+
+    tensors = safe_load(path, CheckpointError)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+        if meta.get("format") != SAFETENSORS_FORMAT:
+            raise CheckpointError(f"{path} is a safetensors file, but not one kshare exported (no format marker)")
+        return {
+            "format": meta["format"],
+            "spec": json.loads(meta["spec"]),
+            "plan": json.loads(meta["plan"]),
+            "aliases": json.loads(meta["aliases"]),
+            "state": tensors,
+        }
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} has damaged kshare metadata: {exc}") from None
