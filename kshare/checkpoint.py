@@ -93,8 +93,8 @@ def checkpoint_payload(model: nn.Module, spec: ModelSpec | None = None, extra: M
     """The dict `save` writes: plain containers and tensors only."""
     spec = spec or spec_of(model)
     plan = plan_of(model)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    unique, aliases = dedup_state(state)
+    unique, aliases = dedup_state(model.state_dict())  # on the model's device: .cpu() would copy aliases apart
+    unique = {k: v.detach().cpu() for k, v in unique.items()}
     return {
         "format": CHECKPOINT_FORMAT,
         "kshare_version": __version__,

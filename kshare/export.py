@@ -67,7 +67,8 @@ def export_onnx(
         raise
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
-        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {first[:200]}") from None
+        hint = " (pip install 'kshare[export]')" if isinstance(exc, ImportError) else ""
+        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {first[:200]}{hint}") from None
     finally:
         for m, flag in flags:
             m.training = flag

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,53 @@ def test_weights_that_do_not_fit(tmp_path: Path) -> None:
 def test_bad_match_choice_exits_2() -> None:
     code, out = run("analyze", "resnet18", "--match", "fuzzy")
     assert code == 2 and "fuzzy" in out
+
+
+def test_apply_info_export_round_trip(tmp_path: Path) -> None:
+    out = tmp_path / "m.pt"
+    code, text = run("apply", "kshare:convmixer_64_4", "-g", "all", "--init", "mean", "--out", str(out))
+    assert code == 0, text
+    assert "Tied 2 groups" in text and out.is_file()
+    code, text = run("info", str(out))
+    assert code == 0 and "kshare:convmixer_64_4" in text and "policy all" in text and "mean" in text
+    code, text = run("info", str(out), "--json")
+    summary = json.loads(text)
+    assert summary["aliases"] == 2 * 3 * 2  # weight and bias of 3 extra members, 2 groups
+    assert summary["stored_tensor_bytes"] < summary["untied_tensor_bytes"]
+    st, onnx = tmp_path / "m.safetensors", tmp_path / "m.onnx"
+    code, text = run("export", str(out), "--safetensors", str(st), "--onnx", str(onnx))
+    assert code == 0, text
+    assert st.is_file() and onnx.is_file()
+
+
+def test_apply_with_a_plan_file(tmp_path: Path) -> None:
+    code, text = run("analyze", "resnet18", "-g", "stage", "--json")
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(text)
+    out = tmp_path / "m.pt"
+    code, text = run("apply", "resnet18", "--plan", str(plan_path), "--out", str(out))
+    assert code == 0, text
+    code, text = run("apply", "mobilenet_v2", "--plan", str(plan_path), "--out", str(tmp_path / "x.pt"))
+    assert code == 2 and text.startswith("error: plan group") and len(text.strip().splitlines()) == 1
+    assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["apply", "resnet18", "--init", "median", "--out", "x.pt"], "median"),
+        (["apply", "resnet18", "--plan", "/no/plan.json", "--out", "x.pt"], "plan file not found"),
+        (["apply", "resnet18", "--out", "/no/such/dir/x.pt"], "does not exist"),
+        (["export", "/no/such.pt", "--onnx", "x.onnx"], "not found"),
+    ],
+)
+def test_apply_and_export_errors(args: list[str], message: str) -> None:
+    code, out = run(*args)
+    assert code == 2 and message in out, out
+
+
+def test_export_needs_a_target(tmp_path: Path) -> None:
+    out = tmp_path / "m.pt"
+    assert run("apply", "kshare:convmixer_32_2", "--out", str(out))[0] == 0
+    code, text = run("export", str(out))
+    assert code == 2 and "nothing to export" in text

@@ -1,0 +1,187 @@
+"""save/load round trips, file sizes, exports, and hostile or broken files."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DataDependentNet
+from torch import nn
+from typer.testing import CliRunner
+
+import kshare
+import kshare.checkpoint
+from kshare.checkpoint import state_bytes
+from kshare.cli import app
+from kshare.zoo import load_model
+
+ROUND_TRIPS = [
+    ("resnet18", "stage", (3, 64, 64)),
+    ("timm:convnext_atto", "stage", (3, 64, 64)),
+    ("kshare:convmixer_64_4", "all", (3, 32, 32)),
+    ("kshare:se_resnet_cifar_d2", "stage", (3, 32, 32)),
+]
+
+
+def _aliasing(model: nn.Module, plan: kshare.SharingPlan) -> list[set[int]]:
+    modules = dict(model.named_modules())
+    return [{id(modules[m].weight) for m in g.members} for g in plan.groups]
+
+
+def _outputs_equal(a: nn.Module, b: nn.Module, size: tuple[int, ...]) -> None:
+    a.eval(), b.eval()
+    x = torch.randn(2, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("name", "policy", "size"), ROUND_TRIPS)
+def test_round_trip_keeps_outputs_and_aliasing(tmp_path: Path, name: str, policy: str, size: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    model, _ = load_model(name)
+    kshare.tie(model, policy, init="mean", input_size=size)
+    path = kshare.save(model, tmp_path / "m.pt")
+    loaded = kshare.load(path)
+    plan = kshare.plan_of(loaded)
+    assert plan is not None and plan.groups == kshare.plan_of(model).groups
+    assert all(len(ids) == 1 for ids in _aliasing(loaded, plan))
+    assert sum(p.numel() for p in loaded.parameters()) == plan.totals.params_after
+    _outputs_equal(model, loaded, size)
+
+
+def test_user_model_passed_in(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = kshare.tie(DataDependentNet(), "stage", input_size=(3, 16, 16))
+    path = kshare.save(model, tmp_path / "user.pt")
+    with pytest.raises(kshare.CheckpointError, match="cannot rebuild"):
+        kshare.load(path)
+    loaded = kshare.load(path, DataDependentNet())
+    assert loaded.a.weight is loaded.b.weight and loaded.c.weight is loaded.d.weight
+    _outputs_equal(model, loaded, (3, 16, 16))
+
+
+def test_untied_model_round_trips_untied(tmp_path: Path) -> None:
+    model, _ = load_model("resnet18")
+    loaded = kshare.load(kshare.save(model, tmp_path / "base.pt"))
+    assert kshare.plan_of(loaded) is None
+    _outputs_equal(model, loaded, (3, 64, 64))
+
+
+def test_resnet50_file_is_its_unique_bytes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, _ = load_model("resnet50")
+    untied = copy.deepcopy(model)
+    kshare.tie(model, "all")
+    unique = state_bytes(model.state_dict())
+    path = kshare.save(model, tmp_path / "tied.pt")
+    torch.save(untied.state_dict(), tmp_path / "untied.pt")
+    size, untied_size = path.stat().st_size, (tmp_path / "untied.pt").stat().st_size
+    assert abs(size - unique) / unique < 0.02
+    plan = kshare.plan_of(model)
+    assert plan is not None
+    # the untied file holds every member's kernel: bigger by what the plan saves
+    saved_bytes = plan.totals.param_bytes_before - plan.totals.param_bytes_after
+    assert untied_size - size == pytest.approx(saved_bytes, rel=0.02)
+
+
+def test_onnx_export_is_small_and_matches(tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model, _ = load_model("resnet18")
+    kshare.tie(model, "all", init="mean")
+    path = kshare.export_onnx(model, tmp_path / "m.onnx", input_size=(3, 64, 64))
+    unique = state_bytes(model.state_dict())
+    assert path.stat().st_size <= 1.05 * unique
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 64, 64)  # batch 3: the batch axis is dynamic
+    (got,) = session.run(None, {"input": x.numpy()})
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_safetensors_loads_back_tied(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, _ = load_model("kshare:convmixer_64_4")
+    kshare.tie(model, "all")
+    path = kshare.export_safetensors(model, tmp_path / "m.safetensors")
+    assert path.stat().st_size <= 1.02 * state_bytes(model.state_dict()) + 16_384
+    loaded = kshare.load(path)
+    plan = kshare.plan_of(loaded)
+    assert plan is not None and all(len(ids) == 1 for ids in _aliasing(loaded, plan))
+    _outputs_equal(model, loaded, (3, 32, 32))
+
+
+class _Evil:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, ("touch pwned_by_checkpoint",))
+
+
+def _runner(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def test_hostile_and_broken_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    model, _ = load_model("resnet18")
+    kshare.tie(model, "stage")
+    good = kshare.save(model, tmp_path / "good.pt")
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "kshare.checkpoint/1", "state": {}, "aliases": {}, "x": _Evil()}, evil)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    foreign = tmp_path / "foreign.pt"
+    torch.save(model.state_dict(), foreign)
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    cases = [
+        (evil, "refused"),
+        (truncated, "cannot read"),
+        (foreign, "not a kshare checkpoint"),
+        (text, "cannot read"),
+        (tmp_path / "missing.pt", "not found"),
+    ]
+    for path, message in cases:
+        with pytest.raises(kshare.CheckpointError, match=message):
+            kshare.load(path)
+        for command in (["info", str(path)], ["export", str(path), "--safetensors", "x.safetensors"]):
+            code, out = _runner(*command)
+            assert code == 2 and out.startswith("error: ") and message in out, (command, out)
+            assert len(out.strip().splitlines()) == 1
+    assert not (tmp_path / "pwned_by_checkpoint").exists()
+
+    # tensors that do not fit the model they are loaded into
+    with pytest.raises(kshare.CheckpointError, match="do not fit"):
+        kshare.load(good, load_model("resnet34")[0])
+    # a plan that does not fit: a member renamed
+    payload = torch.load(good, weights_only=True)
+    group = payload["plan"]["groups"][0]
+    group["members"] = ("layer9.conv1", *group["members"][1:])
+    bad_plan = tmp_path / "bad_plan.pt"
+    torch.save(payload, bad_plan)
+    with pytest.raises(kshare.CheckpointError, match=r"plan .* does not fit.*layer9\.conv1"):
+        kshare.load(bad_plan)
+    code, out = _runner("export", str(bad_plan), "--safetensors", "x.safetensors")
+    assert code == 2 and "does not fit" in out and len(out.strip().splitlines()) == 1
+
+
+def test_interrupted_save_leaves_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _ = load_model("resnet18")
+    path = kshare.save(model, tmp_path / "m.pt")
+    before = path.read_bytes()
+
+    def crash(obj: object, f: object) -> None:
+        Path(str(f)).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kshare.checkpoint.torch, "save", crash)
+    kshare.tie(model, "all")
+    with pytest.raises(KeyboardInterrupt):
+        kshare.save(model, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
