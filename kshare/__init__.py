@@ -3,8 +3,10 @@
 from kshare._version import __version__
 from kshare.api import Analysis, analyze, plan
 from kshare.checkpoint import load, save
+from kshare.data import ImageData, load_data
 from kshare.errors import (
     CheckpointError,
+    DataError,
     ExportError,
     InputSizeError,
     InspectError,
@@ -13,6 +15,7 @@ from kshare.errors import (
     ModelNotFoundError,
     PlanError,
     PolicyError,
+    TrainingError,
     WeightsError,
 )
 from kshare.export import export_onnx, export_safetensors
@@ -21,14 +24,17 @@ from kshare.plan import Group, SharingPlan, Totals, Unshared
 from kshare.policy import Policy, build_plan
 from kshare.signature import Signature
 from kshare.surgery import plan_of, tie, untie
+from kshare.train import TrainConfig, evaluate, finetune
 from kshare.zoo import ModelSpec, load_model
 
 __all__ = [
     "Analysis",
     "CheckpointError",
     "ConvSite",
+    "DataError",
     "ExportError",
     "Group",
+    "ImageData",
     "InputSizeError",
     "InspectError",
     "Inspection",
@@ -42,15 +48,20 @@ __all__ = [
     "SharingPlan",
     "Signature",
     "Totals",
+    "TrainConfig",
+    "TrainingError",
     "Unshared",
     "WeightsError",
     "__version__",
     "analyze",
     "build_plan",
+    "evaluate",
     "export_onnx",
     "export_safetensors",
+    "finetune",
     "inspect_model",
     "load",
+    "load_data",
     "load_model",
     "plan",
     "plan_of",

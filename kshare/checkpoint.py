@@ -185,5 +185,14 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "stored_tensor_bytes": stored,
         "untied_tensor_bytes": expanded,
         "plan": plan.to_dict() if plan else None,
-        "extra": payload.get("extra", {}),
+        "training": _training_summary(payload.get("extra", {})),
     }
+
+
+def _training_summary(extra: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The JSON-safe part of a fine-tune's record: epoch, settings, last metrics, resumable or not."""
+    record = extra.get("finetune") or extra.get("train_state")
+    if not isinstance(record, Mapping):
+        return None
+    keep = {k: record[k] for k in ("epoch", "data", "config", "metrics") if k in record}
+    return keep | {"resumable": "optimizer" in record}

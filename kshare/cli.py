@@ -5,10 +5,12 @@ from __future__ import annotations
 import fnmatch
 import functools
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import torch
 import typer
 from rich.console import Console
 from torch import nn
@@ -17,7 +19,8 @@ from kshare._version import __version__
 from kshare.api import Analysis
 from kshare.api import analyze as analyze_model
 from kshare.checkpoint import load, save, summarize
-from kshare.errors import ExportError, KShareError, PlanError
+from kshare.data import Adapter, load_data
+from kshare.errors import ExportError, KShareError, PlanError, TrainingError
 from kshare.export import export_onnx, export_safetensors
 from kshare.graph import METHODS
 from kshare.plan import SharingPlan
@@ -26,6 +29,8 @@ from kshare.report import analysis_json, render_analysis, render_applied, render
 from kshare.report import size as size_text
 from kshare.signature import MATCH_MODES
 from kshare.surgery import INITS, plan_of, tie
+from kshare.train import TrainConfig, check_classes, evaluate, input_channels, resume_state, runtime, shutdown
+from kshare.train import finetune as run_finetune
 from kshare.zoo import catalog, load_model, parse_kwargs
 
 DEFAULT_MODEL = "kshare:convmixer_256_16"
@@ -152,9 +157,11 @@ def apply(
     weights: WeightsOpt = None,
     kwarg: KwargOpt = None,
     trace: TraceOpt = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of the random init (models built without --weights).")] = 0,
 ) -> None:
     """Tie the sharing groups of a model and save it: each shared kernel is stored once."""
     _choice(init, INITS, "--init")
+    torch.manual_seed(seed)
     if plan is not None:
         if not plan.is_file():
             raise PlanError(f"plan file not found: {plan}")
@@ -207,6 +214,105 @@ def export(
     if safetensors is not None:
         export_safetensors(net, safetensors)
         console.print(f"wrote {safetensors} ({size_text(safetensors.stat().st_size)})")
+
+
+DataOpt = Annotated[
+    str, typer.Option("--data", help="fashion-mnist, cifar10, cifar100, imagefolder:PATH, digits, fake.")
+]
+DataRootOpt = Annotated[Path | None, typer.Option(help="Folder holding the dataset's files.")]
+ImageSizeOpt = Annotated[int | None, typer.Option(help="Resize images to this size (default: the data's own).")]
+LimitOpt = Annotated[int | None, typer.Option(help="Use only the first N samples (quick runs).")]
+
+
+def _load_teacher(ref: str, weights: Path | None) -> nn.Module:
+    """A teacher from a kshare checkpoint, or a model name plus --teacher-weights."""
+    if Path(ref).is_file():
+        if weights is not None:
+            raise TrainingError("--teacher-weights is for a model name; a checkpoint already holds its weights")
+        return load(ref)
+    return load_model(ref, weights=weights)[0]
+
+
+@app.command()
+@one_line_errors
+def finetune(
+    checkpoint: Annotated[Path, typer.Argument(help="A kshare checkpoint, tied or not.")],
+    data: DataOpt = "fashion-mnist",
+    data_root: DataRootOpt = None,
+    epochs: Annotated[int, typer.Option(help="Total epochs (a resumed run continues up to this).")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Images per step (per process under torchrun).")] = 128,
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd (Nesterov momentum).")] = "adamw",
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 0.05,
+    warmup: Annotated[float, typer.Option(help="Linear warm-up, in epochs (fractions allowed).")] = 0.0,
+    clip_grad: Annotated[float, typer.Option(help="Clip the gradient norm to this (0: off).")] = 0.0,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = 0.0,
+    distill: Annotated[bool, typer.Option(help="Add knowledge distillation from --teacher.")] = False,
+    teacher: Annotated[str | None, typer.Option(help="Teacher: a kshare checkpoint or a model name.")] = None,
+    teacher_weights: Annotated[Path | None, typer.Option(help="Weights for a teacher given by name.")] = None,
+    temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 4.0,
+    alpha: Annotated[float, typer.Option(help="Weight of the distillation term (CE gets 1 - alpha).")] = 0.5,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Checkpoint to write each epoch.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last completed epoch of the run writing --out.")
+                      ] = False,
+    metrics: Annotated[Path | None, typer.Option(help="Metrics JSONL (default: OUT.metrics.jsonl).")] = None,
+    image_size: ImageSizeOpt = None,
+    limit_train: LimitOpt = None,
+    limit_test: LimitOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed for init order, shuffling and augmentation.")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda when available).")] = None,
+    amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16, else fp16 with scaling).")] = True,
+) -> None:
+    """Fine-tune a checkpoint on real data, keeping its sharing; optionally distil from a teacher."""
+    config = TrainConfig(
+        epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay,
+        warmup_epochs=warmup, clip_grad=clip_grad, label_smoothing=label_smoothing, distill=distill,
+        temperature=temperature, alpha=alpha, seed=seed, amp=amp, image_size=image_size,
+    )
+    if teacher is not None and not distill:
+        raise TrainingError("--teacher given without --distill")
+    out = out or checkpoint.with_name(checkpoint.stem + ".ft.pt")
+    net, state = resume_state(out) if resume else (load(checkpoint), None)
+    teacher_net = _load_teacher(teacher, teacher_weights) if distill and teacher else None
+    train_data = load_data(data, "train", data_root, image_size).subset(limit_train)
+    test_data = load_data(data, "test", data_root, image_size).subset(limit_test)
+    try:
+        summary = run_finetune(net, train_data, test_data, config, out, teacher=teacher_net, resume=state,
+                               metrics=metrics, device=device)
+    finally:
+        shutdown()
+    last = summary["history"][-1] if summary["history"] else None
+    if last is None:
+        typer.echo(f"nothing to do: {out} already has {epochs} epochs")
+    elif int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"done: test acc {last['test_acc']:.4f} after epoch {last['epoch']}; wrote {out}")
+
+
+@app.command("eval")
+@one_line_errors
+def evaluate_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A kshare checkpoint.")],
+    data: DataOpt = "fashion-mnist",
+    data_root: DataRootOpt = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 256,
+    image_size: ImageSizeOpt = None,
+    limit_test: LimitOpt = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda (default: cuda when available).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """Test accuracy and loss of a checkpoint on a dataset's test split."""
+    net = load(checkpoint)
+    test_data = load_data(data, "test", data_root, image_size).subset(limit_test)
+    rt = runtime(device)
+    net.to(rt.device)
+    adapter = Adapter.for_model(test_data, input_channels(net), image_size, augment=False)
+    check_classes(net, test_data, adapter, rt.device)
+    result = evaluate(net, test_data, adapter, batch_size, rt) | {"data": test_data.name}
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(f"{checkpoint}: test acc {result['acc']:.4f}, loss {result['loss']:.4f} "
+                   f"on {int(result['n'])} {test_data.name} images")
 
 
 @app.command()

@@ -42,3 +42,11 @@ class CheckpointError(KShareError):
 
 class ExportError(KShareError):
     """An export that cannot be written or that would not keep shared tensors shared."""
+
+
+class DataError(KShareError):
+    """A dataset that is unknown, missing, malformed, or does not fit the model."""
+
+
+class TrainingError(KShareError):
+    """Training that cannot start or continue (bad options, diverged loss, nothing to resume)."""

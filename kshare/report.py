@@ -132,6 +132,12 @@ def render_info(summary: dict[str, Any], console: Console) -> None:
                   + (f"  kwargs {summary['kwargs']}" if summary["kwargs"] else ""))
     console.print(f"tensors stored: {summary['tensors_stored']} ({size(summary['stored_tensor_bytes'])}), "
                   f"{summary['aliases']} more names alias them (untied: {size(summary['untied_tensor_bytes'])})")
+    training = summary.get("training")
+    if training:
+        metrics = training.get("metrics", {})
+        console.print(f"fine-tuned: epoch {training.get('epoch')} on {training.get('data', '?')}"
+                      + (f", test acc {metrics['test_acc']:.4f}" if "test_acc" in metrics else "")
+                      + (" (resumable state)" if training.get("resumable") else ""))
     plan = summary["plan"]
     if not plan:
         console.print("not tied: no sharing plan in this checkpoint")

@@ -107,3 +107,23 @@ def untie(model: nn.Module) -> nn.Module:
                 conv.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=conv.bias.requires_grad)
     object.__delattr__(model, _PLAN_ATTR)
     return model
+
+
+def verify_tied(model: nn.Module) -> None:
+    """Raise `PlanError` if a group of the attached plan no longer aliases one tensor.
+
+    Catches what silently unties a model: `load_state_dict(..., assign=True)`, replacing a
+    conv's weight, or a wrapper that copies parameters.
+    """
+    plan = plan_of(model)
+    if plan is None:
+        return
+    modules = dict(model.named_modules())
+    for group in plan.groups:
+        convs = [modules.get(m) for m in group.members]
+        if any(c is None for c in convs):
+            raise PlanError(f"group {group.name}: a member module is gone from the model")
+        first = convs[0]
+        for conv in convs[1:]:
+            if conv.weight is not first.weight or (plan.share_bias and conv.bias is not first.bias):
+                raise PlanError(f"group {group.name} is no longer tied: its members hold separate tensors")

@@ -50,6 +50,31 @@ def make_data_dependent(**kwargs: object) -> nn.Module:
     return DataDependentNet()
 
 
+class ResidualBNNet(nn.Module):
+    """Residual blocks of isomorphic 3x3 convs with batch norm, and a conv the forward never uses
+    (DDP must then search for unused parameters while the blocks share one kernel)."""
+
+    def __init__(self, in_chans: int = 1, width: int = 32, depth: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+            for _ in range(depth)
+        )
+        self.unused = nn.Conv2d(width, width, 3, padding=1)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x.mean((2, 3)))
+
+
+def make_residual_bn(**kwargs: int) -> nn.Module:
+    return ResidualBNNet(**kwargs)
+
+
 @pytest.fixture
 def data_dependent_net() -> nn.Module:
     torch.manual_seed(0)
