@@ -50,3 +50,7 @@ class DataError(KShareError):
 
 class TrainingError(KShareError):
     """Training that cannot start or continue (bad options, diverged loss, nothing to resume)."""
+
+
+class StudyError(KShareError):
+    """A study file or study settings kshare cannot use."""
