@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from kshare.budget import budget_plan, parse_budget
 from kshare.graph import Inspection, inspect_model
 from kshare.plan import SharingPlan
 from kshare.policy import Policy, build_plan
@@ -37,7 +38,8 @@ def analyze(
 ) -> Analysis:
     """Inspect `model` (a module, or a name `kshare.zoo` resolves) and plan its sharing.
 
-    `policy` is a `Policy` or a policy string (`all`, `stage`, `chunk:K`, `stage+chunk:K`);
+    `policy` is a `Policy` or a policy string (`all`, `stage`, `chunk:K`, `stage+chunk:K`, or
+    `budget:F` for a similarity-driven plan keeping at most fraction F of the conv parameters);
     keyword options override the matching fields of the policy. `spec` records where a
     module came from (set automatically when `model` is a name).
     """
@@ -48,13 +50,18 @@ def analyze(
         "match": match, "include": include, "exclude": exclude,
         "min_size": min_size, "share_bias": share_bias,
     }
+    budget = parse_budget(policy) if isinstance(policy, str) else None
     if isinstance(policy, Policy):
         policy = Policy.parse(policy.name, **({k: getattr(policy, k) for k in options} | _set(options)))
     else:
-        policy = Policy.parse(policy, **_set(options))
+        policy = Policy.parse("all" if budget is not None else policy, **_set(options))
     size = input_size if input_size is not None else default_input_size(model, spec)
     inspection = inspect_model(model, size, method=method)
-    plan = build_plan(inspection, policy, source=spec.ref if spec else None)
+    source = spec.ref if spec else None
+    if budget is not None:
+        plan = budget_plan(model, inspection, budget, policy, source=source)
+    else:
+        plan = build_plan(inspection, policy, source=source)
     return Analysis(inspection=inspection, plan=plan, spec=spec)
 
 

@@ -147,7 +147,8 @@ def apply(
     model: ModelArg = DEFAULT_MODEL,
     groups: GroupsOpt = "all",
     plan: Annotated[Path | None, typer.Option(help="Apply this plan JSON instead of a policy.")] = None,
-    init: Annotated[str, typer.Option(help="Shared kernel from the members': first, mean, medoid.")] = "first",
+    init: Annotated[str, typer.Option(help="Shared kernel from the members': first, mean, medoid, norm_mean.")
+                    ] = "first",
     match: MatchOpt = "strict",
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,

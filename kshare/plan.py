@@ -32,6 +32,7 @@ class Group:
     params_saved: int
     bytes_saved: int
     init: str = "first"
+    error: float | None = None  # relative squared error of sharing the init kernel (budget plans)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -48,6 +49,7 @@ class Group:
             params_saved=int(data.get("params_saved", 0)),
             bytes_saved=int(data.get("bytes_saved", 0)),
             init=str(data.get("init", "first")),
+            error=float(data["error"]) if data.get("error") is not None else None,
         )
 
 

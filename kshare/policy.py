@@ -27,7 +27,7 @@ from kshare.plan import SharingPlan, Unshared, make_plan
 from kshare.signature import MATCH_MODES
 
 SCOPES = ("all", "stage")
-POLICY_HELP = "all, stage, chunk:K, or a combination such as stage+chunk:4"
+POLICY_HELP = "all, stage, chunk:K, a combination such as stage+chunk:4, or budget:F"
 
 
 @dataclass(frozen=True)
@@ -95,10 +95,8 @@ def _even_chunks(members: list[ConvSite], k: int) -> list[list[ConvSite]]:
     return out
 
 
-def build_plan(inspection: Inspection, policy: Policy | str, source: str | None = None) -> SharingPlan:
-    """Group the inspected sites under `policy`; every site not grouped gets a reason."""
-    if isinstance(policy, str):
-        policy = Policy.parse(policy)
+def candidate_sites(inspection: Inspection, policy: Policy) -> tuple[list[ConvSite], list[Unshared]]:
+    """The sites a policy may group, and the others with the reason each is left alone."""
     all_names = [s.name for s in inspection.sites] + list(inspection.unused)
     _check_globs("--include", policy.include, all_names)
     _check_globs("--exclude", policy.exclude, all_names)
@@ -113,7 +111,14 @@ def build_plan(inspection: Inspection, policy: Policy | str, source: str | None 
             unshared.append(Unshared(site.name, "not matched by --include"))
         else:
             candidates.append(site)
+    return candidates, unshared
 
+
+def build_plan(inspection: Inspection, policy: Policy | str, source: str | None = None) -> SharingPlan:
+    """Group the inspected sites under `policy`; every site not grouped gets a reason."""
+    if isinstance(policy, str):
+        policy = Policy.parse(policy)
+    candidates, unshared = candidate_sites(inspection, policy)
     by_signature: dict[tuple[object, ...], list[ConvSite]] = {}
     for site in candidates:
         by_signature.setdefault(site.signature.key(policy.match), []).append(site)

@@ -54,14 +54,20 @@ def render_analysis(analysis: Analysis, console: Console) -> None:
 
     if plan.groups:
         table = Table(title="Sharing groups", title_justify="left")
+        errors = any(g.error is not None for g in plan.groups)
         for col, kw in (("group", {}), ("signature", {}), ("n", {"justify": "right"}), ("stage", {}),
                         ("members", {"overflow": "fold"}), ("params saved", {"justify": "right"})):
             table.add_column(col, **kw)
+        if errors:
+            table.add_column("rel. error", justify="right")
         for g in plan.groups:
             stages = ",".join(map(str, g.stages))
-            table.add_row(g.name, g.signature.describe(), str(len(g.members)), stages, _members(g.members),
-                          count(g.params_saved))
+            row = [g.name, g.signature.describe(), str(len(g.members)), stages, _members(g.members),
+                   count(g.params_saved)]
+            table.add_row(*row, *([f"{g.error:.3f}"] if errors and g.error is not None else []))
         console.print(table)
+        if errors:
+            console.print("rel. error: ‖members − shared kernel‖² / ‖members‖² with the group's init (mean)")
     for note in plan.notes:
         console.print(f"[yellow]{note}[/]")
 
@@ -102,14 +108,20 @@ def analysis_json(analysis: Analysis) -> str:
 
 def _groups_table(groups: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title, title_justify="left")
+    errors = any(g.get("error") is not None for g in groups)
     for col, kw in (("group", {}), ("signature", {}), ("n", {"justify": "right"}), ("init", {}),
                     ("members", {"overflow": "fold"}), ("params saved", {"justify": "right"})):
         table.add_column(col, **kw)
+    if errors:
+        table.add_column("rel. error", justify="right")
     from kshare.signature import Signature
 
     for g in groups:
-        table.add_row(g["name"], Signature.from_dict(g["signature"]).describe(), str(len(g["members"])), g["init"],
-                      _members(tuple(g["members"])), count(g["params_saved"]))
+        row = [g["name"], Signature.from_dict(g["signature"]).describe(), str(len(g["members"])), g["init"],
+               _members(tuple(g["members"])), count(g["params_saved"])]
+        if errors:
+            row.append(f"{g['error']:.3f}" if g.get("error") is not None else "")
+        table.add_row(*row)
     return table
 
 

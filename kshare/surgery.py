@@ -18,7 +18,7 @@ from kshare.errors import PlanError
 from kshare.plan import Group, SharingPlan
 from kshare.policy import Policy
 
-INITS = ("first", "mean", "medoid")
+INITS = ("first", "mean", "medoid", "norm_mean")
 _PLAN_ATTR = "_kshare_plan"
 
 
@@ -36,9 +36,18 @@ def _medoid(kernels: torch.Tensor) -> int:
 def _initial(tensors: Sequence[torch.Tensor], init: str, medoid: int) -> torch.Tensor:
     if init == "first":
         return tensors[0].detach().clone()
-    if init == "mean":
-        return torch.stack([t.detach() for t in tensors]).mean(0).to(tensors[0].dtype)
-    return tensors[medoid].detach().clone()
+    if init == "medoid":
+        return tensors[medoid].detach().clone()
+    stacked = torch.stack([t.detach() for t in tensors]).double()
+    mean = stacked.mean(0)
+    if init == "norm_mean" and mean.ndim > 1:
+        # Averaging kernels that point different ways shrinks them; give each output channel
+        # of the mean the members' average norm for that channel, so activations keep their scale.
+        dims = tuple(range(2, stacked.ndim))
+        want = torch.linalg.vector_norm(stacked, dim=dims, keepdim=True).mean(0)
+        have = torch.linalg.vector_norm(mean, dim=tuple(range(1, mean.ndim)), keepdim=True)
+        mean = mean * want / have.clamp_min(1e-12)
+    return mean.to(tensors[0].dtype)
 
 
 def _tie_group(modules: dict[str, nn.Module], group: Group, init: str, share_bias: bool) -> None:
@@ -67,7 +76,8 @@ def tie(
 
     `init` says how each group's shared kernel is computed from the members' current
     kernels: `first` (the first member's, in execution order), `mean` (elementwise mean) or
-    `medoid` (the member closest to all others), so a pretrained model keeps what it can.
+    `medoid` (the member closest to all others) or `norm_mean` (the mean, each output
+    channel rescaled to the members' average norm), so a pretrained model keeps what it can.
     With a ready plan and no `init`, each group uses the init the plan records. The plan
     is attached (`plan_of(model)`); tying a tied model is refused: `untie` first.
     """

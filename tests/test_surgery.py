@@ -80,10 +80,14 @@ def test_init_strategies_compute_from_the_members() -> None:
         ("first", kernels[0]),
         ("mean", kernels.mean(0)),
         ("medoid", kernels[int(torch.cdist(kernels.flatten(1), kernels.flatten(1)).sum(1).argmin())]),
+        ("norm_mean", torch.stack([kernels.mean(0)[o] * kernels[:, o].flatten(1).norm(dim=1).mean()
+                                   / kernels.mean(0)[o].norm() for o in range(4)])),
     ):
         tied = kshare.tie(copy.deepcopy(net), "all", init=init, input_size=(4, 8, 8))
         torch.testing.assert_close(tied[0].weight.detach(), expected)
         assert all(c.weight is tied[0].weight and c.bias is tied[0].bias for c in tied)
+        if init in ("mean", "norm_mean"):  # biases are averaged, never rescaled
+            torch.testing.assert_close(tied[0].bias.detach(), torch.stack([c.bias.detach() for c in net]).mean(0))
 
 
 def test_optimizer_step_keeps_members_identical() -> None:

@@ -1,0 +1,197 @@
+"""Budget-driven plans: keep at most a fraction of the conv parameters, losing the least.
+
+`all`, `stage` and `chunk:K` decide the groups by position alone. For a trained model the
+kernels themselves say which layers can share with the least damage. `budget_plan` clusters
+each set of isomorphic kernels bottom-up (Ward's criterion: the merge that adds the least
+squared reconstruction error per parameter saved goes first, across all sets) until the
+model's conv parameters fit the budget. Each group's shared kernel is the members' mean,
+the centre that minimises that error, and the plan records each group's relative error.
+Data-free: only the weights are read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+
+import torch
+from torch import nn
+
+from kshare.errors import PlanError, PolicyError
+from kshare.graph import ConvSite, Inspection
+from kshare.plan import Group, SharingPlan, Unshared, make_plan
+from kshare.policy import Policy, build_plan, candidate_sites
+from kshare.surgery import _initial, _medoid
+
+
+def parse_budget(spec: str) -> float | None:
+    """`budget:F` → F (0 < F <= 1); None for any other policy string."""
+    if not spec.startswith("budget:"):
+        return None
+    try:
+        fraction = float(spec.removeprefix("budget:"))
+    except ValueError:
+        raise PolicyError(f"bad budget in {spec!r}: expected budget:F with 0 < F <= 1") from None
+    if not 0.0 < fraction <= 1.0:
+        raise PolicyError(f"budget must be in (0, 1], got {fraction}")
+    return fraction
+
+
+def _vector(module: nn.Module, share_bias: bool) -> torch.Tensor:
+    parts = [module.weight.detach().double().flatten()]
+    if share_bias and module.bias is not None:
+        parts.append(module.bias.detach().double().flatten())
+    return torch.cat(parts)
+
+
+Partition = dict[tuple[object, ...], list[int]]  # signature key → a cluster label per site of that class
+
+
+def _ward(classes: dict[tuple[object, ...], torch.Tensor], sizes: dict[tuple[object, ...], int], excess: float
+          ) -> Partition:
+    """Agglomerate greedily (least added squared error per parameter saved, across classes)
+    until `excess` parameters are saved or nothing is left to merge."""
+    labels = {key: list(range(len(x))) for key, x in classes.items()}
+    members = {(key, i): [i] for key, x in classes.items() for i in range(len(x))}
+    totals = {(key, i): x[i].clone() for key, x in classes.items() for i in range(len(x))}
+
+    def cost(a: tuple[object, ...], b: tuple[object, ...]) -> float:
+        na, nb = len(members[a]), len(members[b])
+        diff = totals[a] / na - totals[b] / nb
+        return na * nb / (na + nb) * float(diff.square().sum()) / sizes[a[0]]  # type: ignore[index]
+
+    heap = [(cost((k, i), (k, j)), (k, i), (k, j)) for k, x in classes.items()
+            for i in range(len(x)) for j in range(i + 1, len(x))]
+    heapq.heapify(heap)
+    fresh = {k: len(x) for k, x in classes.items()}
+    while excess > 0 and heap:
+        _, a, b = heapq.heappop(heap)
+        if a not in members or b not in members:
+            continue  # stale: one side was merged already
+        key = a[0]
+        new = (key, fresh[key])
+        fresh[key] += 1
+        members[new], totals[new] = members.pop(a) + members.pop(b), totals.pop(a) + totals.pop(b)
+        excess -= sizes[key]
+        for other in [c for c in members if c[0] == key and c != new]:
+            heapq.heappush(heap, (cost(new, other), new, other))
+    for (key, _), idx in members.items():
+        for i in idx:
+            labels[key][i] = idx[0]
+    return labels
+
+
+def _lloyd(x: torch.Tensor, labels: list[int], rounds: int = 50) -> list[int]:
+    """k-means refinement with the number of clusters fixed: never raises the squared error."""
+    ids = sorted(set(labels))
+    current = torch.tensor([ids.index(label) for label in labels])
+    for _ in range(rounds):
+        centres = torch.stack([x[current == c].mean(0) for c in range(len(ids))])
+        proposed = torch.cdist(x, centres).argmin(1)
+        if torch.equal(proposed, current) or len(set(proposed.tolist())) < len(ids):
+            break  # converged, or a cluster would empty (its count is what the budget paid for)
+        current = proposed
+    return current.tolist()
+
+
+def _sse(x: torch.Tensor, labels: list[int]) -> float:
+    lab = torch.tensor(labels)
+    return float(sum((x[lab == c] - x[lab == c].mean(0)).square().sum() for c in set(labels)))
+
+
+def budget_plan(model: nn.Module, inspection: Inspection, fraction: float, policy: Policy,
+                source: str | None = None) -> SharingPlan:
+    """Group isomorphic kernels by similarity until conv parameters are at most `fraction` of now.
+
+    Candidates: the greedy Ward clustering, and every positional plan (`all`, `stage`,
+    `chunk:K`, `stage+chunk:K`) that fits the budget; each is refined by k-means with its
+    cluster counts fixed, and the one with the least squared error wins. So the result never
+    reconstructs worse than a positional policy of the same size.
+    """
+    modules = dict(model.named_modules())
+    candidates, unshared = candidate_sites(inspection, policy)
+    if len({s.weight_param for s in candidates}) != len(candidates):
+        raise PlanError("a budget plan needs every convolution to hold its own kernel, and this model already "
+                        "shares some: plan it untied (kshare.untie) or use a positional policy")
+    share_bias = policy.share_bias
+    sites: dict[tuple[object, ...], list[ConvSite]] = {}
+    for site in candidates:
+        sites.setdefault(site.signature.key(policy.match), []).append(site)
+    classes = {k: torch.stack([_vector(modules[s.name], share_bias) for s in v]) for k, v in sites.items()}
+    sizes = {k: int(x.shape[1]) for k, x in classes.items()}
+    before = inspection.stats.conv_params
+    in_classes = sum(len(x) * sizes[k] for k, x in classes.items())
+
+    def params(p: Partition) -> int:
+        return before - in_classes + sum(len(set(p[k])) * sizes[k] for k in p)
+
+    target = fraction * before * (1 + 1e-9)  # a fraction printed from a count must admit that count
+    options = [_ward(classes, sizes, before - target)]
+    for scope in ("all", "stage"):
+        for chunk in (None, *range(2, max(len(v) for v in sites.values()) if sites else 2)):
+            positional = build_plan(inspection, dataclasses.replace(policy, scope=scope, chunk=chunk, min_size=2))
+            options.append(_partition(positional, sites))
+    feasible = [p for p in options if params(p) <= target]
+    if not feasible:
+        smallest = min(params(p) for p in options)
+        raise PlanError(f"budget {fraction:g} is out of reach: sharing every isomorphic kernel keeps "
+                        f"{smallest / before:.3f} of the conv parameters")
+    refined = [{k: _lloyd(classes[k], p[k]) for k in p} for p in feasible]
+    best = min(refined, key=lambda p: sum(_sse(classes[k], p[k]) for k in p))
+
+    groups = []
+    for key, labels in best.items():
+        for label in sorted(set(labels)):
+            members = [s for s, lab in zip(sites[key], labels, strict=True) if lab == label]
+            if len(members) > 1:
+                groups.append(sorted(members, key=lambda s: s.order))
+    groups.sort(key=lambda g: g[0].order)
+    grouped = {s.name for g in groups for s in g}
+    unshared += [Unshared(s.name, "kept on its own: the budget is met without it") for s in candidates
+                 if s.name not in grouped]
+    order = {s.name: s.order for s in inspection.sites}
+    unshared.sort(key=lambda u: order.get(u.name, len(order)))
+    plan = make_plan(inspection, groups, unshared, policy=f"budget:{fraction:g}", match=policy.match,
+                     share_bias=share_bias, source=source)
+    return with_errors(model, dataclasses.replace(plan, groups=tuple(
+        dataclasses.replace(g, init="mean") for g in plan.groups)))
+
+
+def _partition(plan: SharingPlan, sites: dict[tuple[object, ...], list[ConvSite]]) -> Partition:
+    """A plan's groups as cluster labels per signature class (ungrouped sites: their own cluster)."""
+    group_of = {m: i for i, g in enumerate(plan.groups) for m in g.members}
+    return {k: [group_of.get(s.name, -1 - i) for i, s in enumerate(v)] for k, v in sites.items()}
+
+
+def group_error(model: nn.Module, group: Group, share_bias: bool) -> float:
+    """Relative squared error of replacing each member's kernel (and bias) by the group's init."""
+    modules = dict(model.named_modules())
+    convs = [modules[m] for m in group.members]
+    weights = [c.weight.detach() for c in convs]
+    medoid = _medoid(torch.stack(weights)) if group.init == "medoid" else 0
+    tensors = [weights]
+    if share_bias and all(c.bias is not None for c in convs):
+        tensors.append([c.bias.detach() for c in convs])
+    sse = norm = 0.0
+    for members in tensors:
+        centre = _initial(members, group.init, medoid).double()
+        sse += sum(float((m.double() - centre).square().sum()) for m in members)
+        norm += sum(float(m.double().square().sum()) for m in members)
+    return sse / max(norm, 1e-30)
+
+
+def with_errors(model: nn.Module, plan: SharingPlan) -> SharingPlan:
+    """The plan with each group's relative reconstruction error filled in (for its init)."""
+    groups = tuple(dataclasses.replace(g, error=group_error(model, g, plan.share_bias)) for g in plan.groups)
+    return dataclasses.replace(plan, groups=groups)
+
+
+def total_error(model: nn.Module, plan: SharingPlan, inspection: Inspection) -> float:
+    """Squared reconstruction error of all groups over the squared norm of all conv kernels."""
+    modules = dict(model.named_modules())
+    norm = sum(float(_vector(modules[s.name], plan.share_bias).square().sum()) for s in inspection.sites)
+    sse = 0.0
+    for group in plan.groups:
+        sse += group_error(model, group, plan.share_bias) * sum(
+            float(_vector(modules[m], plan.share_bias).square().sum()) for m in group.members)
+    return sse / max(norm, 1e-30)
