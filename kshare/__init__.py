@@ -22,6 +22,7 @@ from kshare.export import export_onnx, export_safetensors
 from kshare.graph import ConvSite, Inspection, inspect_model
 from kshare.plan import Group, SharingPlan, Totals, Unshared
 from kshare.policy import Policy, build_plan
+from kshare.relax import Relaxation, fold
 from kshare.signature import Signature
 from kshare.surgery import plan_of, tie, untie
 from kshare.train import TrainConfig, evaluate, finetune
@@ -45,6 +46,7 @@ __all__ = [
     "PlanError",
     "Policy",
     "PolicyError",
+    "Relaxation",
     "SharingPlan",
     "Signature",
     "Totals",
@@ -59,6 +61,7 @@ __all__ = [
     "export_onnx",
     "export_safetensors",
     "finetune",
+    "fold",
     "inspect_model",
     "load",
     "load_data",

@@ -25,6 +25,7 @@ from kshare.export import export_onnx, export_safetensors
 from kshare.graph import METHODS
 from kshare.plan import SharingPlan
 from kshare.policy import POLICY_HELP
+from kshare.relax import RELAX_HELP, Relaxation, fold
 from kshare.report import analysis_json, render_analysis, render_applied, render_info
 from kshare.report import size as size_text
 from kshare.signature import MATCH_MODES
@@ -159,9 +160,12 @@ def apply(
     kwarg: KwargOpt = None,
     trace: TraceOpt = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the random init (models built without --weights).")] = 0,
+    relax: Annotated[str, typer.Option(help=f"Per-member parameters on the shared kernel: {RELAX_HELP}.")
+                     ] = "none",
 ) -> None:
     """Tie the sharing groups of a model and save it: each shared kernel is stored once."""
     _choice(init, INITS, "--init")
+    Relaxation.parse(relax)
     torch.manual_seed(seed)
     if plan is not None:
         if not plan.is_file():
@@ -172,7 +176,7 @@ def apply(
         net, result = _analyze(model, groups, match, include, exclude, min_size, share_bias, input_size, weights,
                                kwarg, trace)
         chosen, spec = result.plan, result.spec
-    tie(net, chosen, init=init)
+    tie(net, chosen, init=init, relax=relax)
     path = save(net, out, spec=spec)
     render_applied(plan_of(net), path, Console())
 
@@ -215,6 +219,22 @@ def export(
     if safetensors is not None:
         export_safetensors(net, safetensors)
         console.print(f"wrote {safetensors} ({size_text(safetensors.stat().st_size)})")
+
+
+@app.command("fold")
+@one_line_errors
+def fold_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A tied (optionally relaxed) kshare checkpoint.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the plain model.")],
+) -> None:
+    """Bake every member's kernel into a plain convolution (no sharing, same outputs)."""
+    net = load(checkpoint)
+    plan = plan_of(net)
+    fold(net)
+    path = save(net, out)
+    what = f"relaxation {plan.relax}, " if plan and plan.relax != "none" else ""
+    typer.echo(f"folded {what}{len(plan.groups) if plan else 0} groups into plain convolutions; "
+               f"wrote {path} ({size_text(path.stat().st_size)})")
 
 
 DataOpt = Annotated[

@@ -25,6 +25,7 @@ from torch import nn
 from kshare.checkpoint import atomic_write, checkpoint_payload, state_bytes
 from kshare.errors import CheckpointError, ExportError
 from kshare.graph import parse_input_size
+from kshare.relax import is_relaxed
 from kshare.safeio import safe_load
 from kshare.zoo import default_input_size, spec_of
 
@@ -38,7 +39,11 @@ def export_onnx(
     input_size: Sequence[int] | str | None = None,
     opset: int = 17,
 ) -> Path:
-    """Write `model` (eval mode, batch dimension dynamic) as ONNX with shared initializers."""
+    """Write `model` (eval mode, batch dimension dynamic) as ONNX with shared initializers.
+
+    A relaxed model keeps its structure in the graph (shared kernel, per-member scale and
+    low-rank factors, a Mul/MatMul/Add per member), so the file stays as small as the checkpoint.
+    """
     size = parse_input_size(input_size) if input_size is not None else default_input_size(model, spec_of(model))
     ref = next(iter(model.parameters()), None)
     x = torch.randn(1, *size, dtype=ref.dtype if ref is not None else torch.float32,
@@ -51,6 +56,8 @@ def export_onnx(
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model, (x,), str(tmp), dynamo=False, opset_version=opset,
+                # folding would precompute every relaxed member's kernel, duplicating the shared one
+                do_constant_folding=not is_relaxed(model),
                 input_names=["input"], output_names=["output"],
                 dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
             )

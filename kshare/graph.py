@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 
 from kshare.errors import InputSizeError, InspectError
+from kshare.relax import shared_kernel
 from kshare.signature import Signature, is_conv
 
 METHODS = ("auto", "fx", "hooks")
@@ -301,7 +302,7 @@ def inspect_model(
                 output_shape=out_shape,
                 calls=calls,
                 stage=stage,
-                weight_param=canon[id(module.weight)],
+                weight_param=canon[id(shared_kernel(module))],
                 bias_param=canon[id(module.bias)] if module.bias is not None else None,
             )
         )

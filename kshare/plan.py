@@ -105,6 +105,8 @@ class SharingPlan:
     input_size: tuple[int, ...] = ()
     method: str = ""
     notes: tuple[str, ...] = field(default=())
+    relax: str = "none"  # per-member relaxation on top of each shared kernel (kshare.relax)
+    relax_params: int = 0  # parameters the relaxation adds (already in `totals`)
 
     @property
     def is_empty(self) -> bool:
@@ -123,6 +125,8 @@ class SharingPlan:
             "unshared": [asdict(u) for u in self.unshared],
             "totals": asdict(self.totals) | {"ratio": self.totals.ratio},
             "notes": list(self.notes),
+            "relax": self.relax,
+            "relax_params": self.relax_params,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -145,6 +149,8 @@ class SharingPlan:
                 input_size=tuple(data.get("input_size", ())),
                 method=str(data.get("method", "")),
                 notes=tuple(data.get("notes", ())),
+                relax=str(data.get("relax", "none")),
+                relax_params=int(data.get("relax_params", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"malformed kshare plan: {type(exc).__name__} {exc}") from None

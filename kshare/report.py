@@ -132,7 +132,8 @@ def render_applied(plan: SharingPlan | None, path: Path, console: Console) -> No
     else:
         console.print(_groups_table([g.to_dict() for g in plan.groups], f"Tied {len(plan.groups)} groups"))
         t = plan.totals
-        console.print(f"parameters {t.params_before:,} → {t.params_after:,} ({t.ratio:.2f}x fewer)")
+        relaxed = f", relaxation {plan.relax} included (+{plan.relax_params:,})" if plan.relax != "none" else ""
+        console.print(f"parameters {t.params_before:,} → {t.params_after:,} ({t.ratio:.2f}x fewer{relaxed})")
     console.print(f"wrote {path} ({size(path.stat().st_size)})")
 
 
@@ -155,8 +156,11 @@ def render_info(summary: dict[str, Any], console: Console) -> None:
         console.print("not tied: no sharing plan in this checkpoint")
         return
     t = plan["totals"]
+    relax = plan.get("relax", "none")
     console.print(f"plan: policy [cyan]{plan['policy']}[/] match [cyan]{plan['match']}[/], "
-                  f"{len(plan['groups'])} groups; parameters {t['params_before']:,} → {t['params_after']:,} "
-                  f"({t['ratio']:.2f}x fewer)")
+                  f"{len(plan['groups'])} groups"
+                  + (f", relaxation [cyan]{relax}[/] (+{plan.get('relax_params', 0):,} parameters)"
+                     if relax != "none" else "")
+                  + f"; parameters {t['params_before']:,} → {t['params_after']:,} ({t['ratio']:.2f}x fewer)")
     if plan["groups"]:
         console.print(_groups_table(plan["groups"], "Groups"))

@@ -17,6 +17,7 @@ from torch import nn
 from kshare.errors import PlanError
 from kshare.plan import Group, SharingPlan
 from kshare.policy import Policy
+from kshare.relax import Relaxation, is_relaxed, relax_member, shared_kernel
 
 INITS = ("first", "mean", "medoid", "norm_mean")
 _PLAN_ATTR = "_kshare_plan"
@@ -69,6 +70,7 @@ def tie(
     plan: SharingPlan | Policy | str = "all",
     *,
     init: str | None = None,
+    relax: str | None = None,
     input_size: Sequence[int] | str | None = None,
     **policy_options: object,
 ) -> nn.Module:
@@ -80,6 +82,10 @@ def tie(
     channel rescaled to the members' average norm), so a pretrained model keeps what it can.
     With a ready plan and no `init`, each group uses the init the plan records. The plan
     is attached (`plan_of(model)`); tying a tied model is refused: `untie` first.
+
+    `relax` (`scale`, `lora:R`, `scale+lora:R`; see `kshare.relax`) gives each member a few
+    parameters of its own on top of the shared kernel, fitted to its kernel before tying; the
+    plan's totals count them. With a ready plan and no `relax`, the plan's own is used.
     """
     if init is not None and init not in INITS:
         raise PlanError(f"unknown init {init!r}: expected one of {', '.join(INITS)}")
@@ -96,11 +102,29 @@ def tie(
     for group in groups:
         if group.init not in INITS:
             raise PlanError(f"plan group {group.name} has unknown init {group.init!r}")
+    relaxation = Relaxation.parse(relax if relax is not None else plan.relax)
     modules = dict(model.named_modules())
+    extra = 0
     for group in groups:
+        originals = [modules[m].weight.detach().clone() for m in group.members] if relaxation.active else []
         _tie_group(modules, group, group.init, plan.share_bias)
-    object.__setattr__(model, _PLAN_ATTR, dataclasses.replace(plan, groups=groups))
+        for name, original in zip(group.members, originals, strict=False):  # empty unless relaxed
+            relax_member(modules[name], relaxation, original)
+            extra += relaxation.params_per_member(original.shape)
+    plan = dataclasses.replace(plan, groups=groups, relax=relaxation.name)
+    if extra and plan.relax_params == 0:
+        itemsize = plan.groups[0].signature.itemsize
+        t = plan.totals
+        plan = dataclasses.replace(plan, relax_params=extra, totals=dataclasses.replace(
+            t, params_after=t.params_after + extra, param_bytes_after=t.param_bytes_after + extra * itemsize,
+            conv_params_after=t.conv_params_after + extra))
+    object.__setattr__(model, _PLAN_ATTR, plan)
     return model
+
+
+def forget_plan(model: nn.Module) -> None:
+    """Detach the plan (after `untie` or `fold`: the model no longer shares)."""
+    object.__delattr__(model, _PLAN_ATTR)
 
 
 def untie(model: nn.Module) -> nn.Module:
@@ -108,6 +132,8 @@ def untie(model: nn.Module) -> nn.Module:
     plan = plan_of(model)
     if plan is None:
         raise PlanError("model is not tied by kshare: nothing to untie")
+    if is_relaxed(model):
+        raise PlanError("model is relaxed: kshare.fold(model) gives every member its own kernel")
     modules = dict(model.named_modules())
     for group in plan.groups:
         for name in group.members:
@@ -115,7 +141,7 @@ def untie(model: nn.Module) -> nn.Module:
             conv.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=conv.weight.requires_grad)
             if conv.bias is not None:
                 conv.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=conv.bias.requires_grad)
-    object.__delattr__(model, _PLAN_ATTR)
+    forget_plan(model)
     return model
 
 
@@ -135,5 +161,5 @@ def verify_tied(model: nn.Module) -> None:
             raise PlanError(f"group {group.name}: a member module is gone from the model")
         first = convs[0]
         for conv in convs[1:]:
-            if conv.weight is not first.weight or (plan.share_bias and conv.bias is not first.bias):
+            if shared_kernel(conv) is not shared_kernel(first) or (plan.share_bias and conv.bias is not first.bias):
                 raise PlanError(f"group {group.name} is no longer tied: its members hold separate tensors")
