@@ -163,10 +163,19 @@ def apply(
     relax: Annotated[str, typer.Option(help=f"Per-member parameters on the shared kernel: {RELAX_HELP}.")
                      ] = "none",
 ) -> None:
-    """Tie the sharing groups of a model and save it: each shared kernel is stored once."""
+    """Tie the sharing groups of a model and save it: each shared kernel is stored once.
+
+    `--groups none` saves the model untied: a baseline checkpoint for `finetune`, `eval`,
+    `--teacher` and `sweep`.
+    """
     _choice(init, INITS, "--init")
     Relaxation.parse(relax)
     torch.manual_seed(seed)
+    if groups == "none" and plan is None:
+        net, spec = load_model(model, parse_kwargs(kwarg), weights)
+        path = save(net, out, spec=spec)
+        render_applied(None, path, Console())
+        return
     if plan is not None:
         if not plan.is_file():
             raise PlanError(f"plan file not found: {plan}")

@@ -242,7 +242,17 @@ def parse_kwargs(items: list[str] | None) -> dict[str, Any]:
 
 
 def _unwrap_state(obj: Any) -> dict[str, torch.Tensor]:
-    """Find the state dict in common checkpoint layouts; strip a DDP `module.` prefix."""
+    """Find the state dict in common checkpoint layouts; strip a DDP `module.` prefix.
+
+    A kshare checkpoint (`kshare.checkpoint/1`) gives its state with the aliases expanded, so
+    a fine-tuned baseline can be the `--weights` of the next `apply`.
+    """
+    if isinstance(obj, dict) and obj.get("format") == "kshare.checkpoint/1" and isinstance(obj.get("state"), dict):
+        state = dict(obj["state"])
+        for key, target in (obj.get("aliases") or {}).items():
+            if target in state:
+                state[key] = state[target]
+        obj = state
     for key in ("state_dict", "model", "model_state", "state"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

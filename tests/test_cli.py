@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+import kshare
 from kshare.cli import app
 from kshare.plan import SharingPlan
 
@@ -159,3 +160,19 @@ def test_export_needs_a_target(tmp_path: Path) -> None:
     assert run("apply", "kshare:convmixer_32_2", "--out", str(out))[0] == 0
     code, text = run("export", str(out))
     assert code == 2 and "nothing to export" in text
+
+
+def test_untied_baseline_then_tie_its_weights(tmp_path: Path) -> None:
+    base = tmp_path / "base.pt"
+    result = runner.invoke(app, ["apply", "kshare:convmixer_32_4", "-g", "none", "--out", str(base)])
+    assert result.exit_code == 0, result.output
+    assert kshare.plan_of(kshare.load(base)) is None
+    tied = tmp_path / "tied.pt"
+    result = runner.invoke(app, ["apply", "kshare:convmixer_32_4", "-g", "all", "--init", "mean", "--weights",
+                                 str(base), "--out", str(tied), "--seed", "7"])
+    assert result.exit_code == 0, result.output
+    baseline, model = kshare.load(base), kshare.load(tied)
+    group = kshare.plan_of(model).groups[0]
+    modules, ref = dict(model.named_modules()), dict(baseline.named_modules())
+    expected = torch.stack([ref[m].weight.detach() for m in group.members]).mean(0)
+    torch.testing.assert_close(modules[group.members[0]].weight.detach(), expected)  # from the file, not seed 7
