@@ -12,6 +12,7 @@ continues where it stopped when run again with the same --out.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from dataclasses import replace
@@ -20,6 +21,7 @@ from pathlib import Path
 from kshare.errors import KShareError
 from kshare.reproduce import Arch, Study, read_study, run_study
 from kshare.results import markdown, plot
+from kshare.sweep import read_sweep, sweep_markdown
 
 PRESETS = {
     # Fits the project's 2-core CPU machine in well under an hour (docs/results.md says how long).
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="where checkpoints go (default: next to --out)")
     parser.add_argument("--docs", type=Path, default=Path("docs"), help="folder for results.md and img/")
     parser.add_argument("--no-docs", action="store_true", help="write only the JSON")
+    parser.add_argument("--sweep", type=Path, help="a `kshare sweep` JSON to publish as section 3")
     args = parser.parse_args(argv)
 
     study = PRESETS[args.preset]
@@ -90,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
             images = plot(records, args.docs / "img", prefix=args.preset)
             command = "python examples/reproduce_paper.py " + shlex.join(argv if argv is not None else sys.argv[1:])
             page = markdown(header, records, study, command.strip(), images, args.docs)
+            if args.sweep:
+                picture = args.sweep.with_suffix(".png")
+                rel = os.path.relpath(picture, args.docs) if picture.is_file() else None
+                page += ("\n## 3. Beyond the paper: budget plans, relaxations, distillation\n\n"
+                         + sweep_markdown(read_sweep(args.sweep), rel) + "\n")
             name = "results.md" if args.preset == "cpu" else f"results_{args.preset}.md"
             (args.docs / name).write_text(page)
             print(f"wrote {args.out}, {args.docs / name} and {len(images)} plots")

@@ -20,7 +20,7 @@ from kshare.api import Analysis
 from kshare.api import analyze as analyze_model
 from kshare.checkpoint import load, save, summarize
 from kshare.data import Adapter, load_data
-from kshare.errors import ExportError, KShareError, PlanError, TrainingError
+from kshare.errors import ExportError, KShareError, PlanError, PolicyError, StudyError, TrainingError, WeightsError
 from kshare.export import export_onnx, export_safetensors
 from kshare.graph import METHODS
 from kshare.plan import SharingPlan
@@ -30,6 +30,7 @@ from kshare.report import analysis_json, render_analysis, render_applied, render
 from kshare.report import size as size_text
 from kshare.signature import MATCH_MODES
 from kshare.surgery import INITS, plan_of, tie
+from kshare.sweep import SweepConfig, aggregate, pareto, plot_sweep, run_sweep
 from kshare.train import TrainConfig, check_classes, evaluate, input_channels, resume_state, runtime, shutdown
 from kshare.train import finetune as run_finetune
 from kshare.zoo import catalog, load_model, parse_kwargs
@@ -252,6 +253,76 @@ DataOpt = Annotated[
 DataRootOpt = Annotated[Path | None, typer.Option(help="Folder holding the dataset's files.")]
 ImageSizeOpt = Annotated[int | None, typer.Option(help="Resize images to this size (default: the data's own).")]
 LimitOpt = Annotated[int | None, typer.Option(help="Use only the first N samples (quick runs).")]
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+@app.command()
+@one_line_errors
+def sweep(
+    source: Annotated[str, typer.Argument(help="An untied kshare checkpoint, or a model name (with --weights).")],
+    data: Annotated[str, typer.Option("--data", help="Dataset to evaluate (and fine-tune) on.")] = "fashion-mnist",
+    data_root: Annotated[Path | None, typer.Option(help="Folder holding the dataset's files.")] = None,
+    weights: WeightsOpt = None,
+    kwarg: KwargOpt = None,
+    policies: Annotated[str, typer.Option(help="Positional policies, comma-separated.")] = "all,stage",
+    budgets: Annotated[str, typer.Option(help="Budget fractions, comma-separated (e.g. 0.3,0.5).")] = "",
+    relax: Annotated[str, typer.Option(help="Relaxations, comma-separated (none,scale,lora:2,...).")] = "none",
+    match: Annotated[str, typer.Option(help="Also fit a budget plan per relaxation to these policies' sizes.")
+                     ] = "",
+    init: Annotated[str, typer.Option(help="Shared-kernel init for every point.")] = "mean",
+    epochs: Annotated[int, typer.Option(help="Fine-tune epochs per point (0: evaluate right after tying).")] = 0,
+    loss: Annotated[str, typer.Option(help="ce, kd (distil from the untied model) or ce,kd.")] = "ce",
+    lr: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 128,
+    seeds: Annotated[str, typer.Option(help="Fine-tune seeds, comma-separated (each point runs once per seed).")
+                     ] = "0",
+    size_tolerance: Annotated[float, typer.Option(help="--match admits plans up to this fraction larger "
+                                                       "(0.005: within 0.5%).")] = 0.0,
+    image_size: ImageSizeOpt = None,
+    limit_train: LimitOpt = None,
+    limit_test: LimitOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Sweep JSON.")] = Path("sweep.json"),
+    plot: Annotated[Path | None, typer.Option(help="Pareto plot PNG (default: OUT with .png).")] = None,
+) -> None:
+    """Evaluate a grid of policies, budgets and relaxations on one trained model; JSON + Pareto plot."""
+    _choice(init, INITS, "--init")
+    config = SweepConfig(policies=_csv(policies), budgets=tuple(_fraction(b) for b in _csv(budgets)),
+                         relaxations=_csv(relax) or ("none",), match=_csv(match), init=init, epochs=epochs,
+                         losses=_csv(loss), lr=lr, batch_size=batch_size, image_size=image_size,
+                         seeds=tuple(_integer(x, "--seeds") for x in _csv(seeds)), size_tolerance=size_tolerance)
+    if Path(source).is_file():
+        if weights is not None:
+            raise WeightsError("--weights is for a model name; a checkpoint already holds its weights")
+        net = load(source)
+        if plan_of(net) is not None:
+            raise PlanError(f"{source} is already tied: sweep starts from the untied model (kshare apply -g none)")
+    else:
+        net, _ = load_model(source, parse_kwargs(kwarg), weights)
+    train_data = load_data(data, "train", data_root, image_size).subset(limit_train)
+    test_data = load_data(data, "test", data_root, image_size).subset(limit_test)
+    check_classes(net, test_data, Adapter.for_model(test_data, input_channels(net), image_size, False),
+                  next(net.parameters()).device)
+    rows = run_sweep(net, train_data, test_data, config, out)
+    picture = plot_sweep(rows, plot or out.with_suffix(".png"), f"{source} on {test_data.name}")
+    front = ", ".join(r.label + (f" ({r.loss})" if r.loss else "") for r in pareto(aggregate(rows)))
+    typer.echo(f"wrote {out} ({len(rows)} points) and {picture}; Pareto front: {front}")
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise PolicyError(f"bad budget {text!r}: expected a fraction such as 0.3") from None
+
+
+def _integer(text: str, option: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise StudyError(f"bad {option} value {text!r}: expected whole numbers such as 0,1,2") from None
 
 
 def _load_teacher(ref: str, weights: Path | None) -> nn.Module:
