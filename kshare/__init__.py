@@ -2,6 +2,7 @@
 
 from kshare._version import __version__
 from kshare.api import Analysis, analyze, plan
+from kshare.calibrate import recalibrate_bn
 from kshare.checkpoint import load, save
 from kshare.data import ImageData, load_data
 from kshare.errors import (
@@ -68,6 +69,7 @@ __all__ = [
     "load_model",
     "plan",
     "plan_of",
+    "recalibrate_bn",
     "save",
     "tie",
     "untie",

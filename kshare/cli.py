@@ -18,7 +18,9 @@ from torch import nn
 from kshare._version import __version__
 from kshare.api import Analysis
 from kshare.api import analyze as analyze_model
+from kshare.calibrate import batch_norms, recalibrate_bn
 from kshare.checkpoint import load, save, summarize
+from kshare.checkpoint import read as read_checkpoint
 from kshare.data import Adapter, load_data
 from kshare.errors import ExportError, KShareError, PlanError, PolicyError, StudyError, TrainingError, WeightsError
 from kshare.export import export_onnx, export_safetensors
@@ -253,6 +255,7 @@ DataOpt = Annotated[
 DataRootOpt = Annotated[Path | None, typer.Option(help="Folder holding the dataset's files.")]
 ImageSizeOpt = Annotated[int | None, typer.Option(help="Resize images to this size (default: the data's own).")]
 LimitOpt = Annotated[int | None, typer.Option(help="Use only the first N samples (quick runs).")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda when available).")]
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -281,6 +284,8 @@ def sweep(
                      ] = "0",
     size_tolerance: Annotated[float, typer.Option(help="--match admits plans up to this fraction larger "
                                                        "(0.005: within 0.5%).")] = 0.0,
+    calibrate: Annotated[int, typer.Option(help="Re-estimate BatchNorm statistics on this many training images "
+                                                "after tying (0: off).")] = 0,
     image_size: ImageSizeOpt = None,
     limit_train: LimitOpt = None,
     limit_test: LimitOpt = None,
@@ -292,20 +297,23 @@ def sweep(
     config = SweepConfig(policies=_csv(policies), budgets=tuple(_fraction(b) for b in _csv(budgets)),
                          relaxations=_csv(relax) or ("none",), match=_csv(match), init=init, epochs=epochs,
                          losses=_csv(loss), lr=lr, batch_size=batch_size, image_size=image_size,
-                         seeds=tuple(_integer(x, "--seeds") for x in _csv(seeds)), size_tolerance=size_tolerance)
+                         seeds=tuple(_integer(x, "--seeds") for x in _csv(seeds)), size_tolerance=size_tolerance,
+                         calibrate=calibrate)
+    baseline = None
     if Path(source).is_file():
         if weights is not None:
             raise WeightsError("--weights is for a model name; a checkpoint already holds its weights")
         net = load(source)
         if plan_of(net) is not None:
             raise PlanError(f"{source} is already tied: sweep starts from the untied model (kshare apply -g none)")
+        baseline = read_checkpoint(source).get("extra", {}).get("finetune")
     else:
         net, _ = load_model(source, parse_kwargs(kwarg), weights)
     train_data = load_data(data, "train", data_root, image_size).subset(limit_train)
     test_data = load_data(data, "test", data_root, image_size).subset(limit_test)
     check_classes(net, test_data, Adapter.for_model(test_data, input_channels(net), image_size, False),
                   next(net.parameters()).device)
-    rows = run_sweep(net, train_data, test_data, config, out)
+    rows = run_sweep(net, train_data, test_data, config, out, baseline=baseline)
     picture = plot_sweep(rows, plot or out.with_suffix(".png"), f"{source} on {test_data.name}")
     front = ", ".join(r.label + (f" ({r.loss})" if r.loss else "") for r in pareto(aggregate(rows)))
     typer.echo(f"wrote {out} ({len(rows)} points) and {picture}; Pareto front: {front}")
@@ -361,7 +369,7 @@ def finetune(
     limit_train: LimitOpt = None,
     limit_test: LimitOpt = None,
     seed: Annotated[int, typer.Option(help="Seed for init order, shuffling and augmentation.")] = 0,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda when available).")] = None,
+    device: DeviceOpt = None,
     amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16, else fp16 with scaling).")] = True,
 ) -> None:
     """Fine-tune a checkpoint on real data, keeping its sharing; optionally distil from a teacher."""
@@ -398,7 +406,7 @@ def evaluate_cmd(
     batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 256,
     image_size: ImageSizeOpt = None,
     limit_test: LimitOpt = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda (default: cuda when available).")] = None,
+    device: DeviceOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
 ) -> None:
     """Test accuracy and loss of a checkpoint on a dataset's test split."""
@@ -414,6 +422,42 @@ def evaluate_cmd(
     else:
         typer.echo(f"{checkpoint}: test acc {result['acc']:.4f}, loss {result['loss']:.4f} "
                    f"on {int(result['n'])} {test_data.name} images")
+
+
+@app.command()
+@one_line_errors
+def calibrate(
+    checkpoint: Annotated[Path, typer.Argument(help="A kshare checkpoint, usually just tied by `apply`.")],
+    data: DataOpt = "fashion-mnist",
+    data_root: DataRootOpt = None,
+    images: Annotated[int, typer.Option(help="Training images to estimate the statistics on.")] = 2048,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,
+    image_size: ImageSizeOpt = None,
+    limit_test: LimitOpt = None,
+    device: DeviceOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to save (default: overwrite CHECKPOINT).")
+                   ] = None,
+) -> None:
+    """Re-estimate BatchNorm statistics after tying (no labels, no training); report test accuracy."""
+    if images < 1:
+        raise TrainingError(f"--images must be at least 1, got {images}")
+    net = load(checkpoint)
+    if not batch_norms(net):
+        raise TrainingError(f"{checkpoint} has no BatchNorm layer with running statistics: nothing to calibrate")
+    train_data = load_data(data, "train", data_root, image_size)
+    test_data = load_data(data, "test", data_root, image_size).subset(limit_test)
+    rt = runtime(device)
+    net.to(rt.device)
+    channels = input_channels(net)
+    test_adapter = Adapter.for_model(test_data, channels, image_size, augment=False)
+    check_classes(net, test_data, test_adapter, rt.device)
+    before = evaluate(net, test_data, test_adapter, rt=rt)["acc"]
+    layers = recalibrate_bn(net, train_data, images=images, batch_size=batch_size,
+                            adapter=Adapter.for_model(train_data, channels, image_size, augment=False))
+    after = evaluate(net, test_data, test_adapter, rt=rt)["acc"]
+    target = save(net.cpu(), out or checkpoint)
+    typer.echo(f"recalibrated {layers} BatchNorm layers on {min(images, len(train_data.labels)):,} "
+               f"{train_data.name} images: test acc {before:.4f} → {after:.4f}; wrote {target}")
 
 
 @app.command()

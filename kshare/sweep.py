@@ -26,6 +26,7 @@ from torch import nn
 
 from kshare.api import analyze
 from kshare.budget import budget_plan
+from kshare.calibrate import recalibrate_bn
 from kshare.checkpoint import save
 from kshare.data import Adapter, ImageData
 from kshare.errors import PlanError, StudyError
@@ -56,10 +57,13 @@ class SweepConfig:
     image_size: int | None = None
     seeds: tuple[int, ...] = (0,)  # one fine-tune per seed: differences are read against the spread
     size_tolerance: float = 0.0  # `match` admits plans up to this fraction above the policy's size
+    calibrate: int = 0  # training images to re-estimate BatchNorm statistics on after tying (0: none)
 
     def __post_init__(self) -> None:
         if not self.seeds:
             raise StudyError("a sweep needs at least one seed")
+        if self.calibrate < 0:
+            raise StudyError(f"calibration images must be 0 or more, got {self.calibrate}")
         if not 0.0 <= self.size_tolerance < 1.0:
             raise StudyError(f"size tolerance must be in [0, 1), got {self.size_tolerance}")
         for loss in self.losses:
@@ -158,12 +162,15 @@ def _points(model: nn.Module, config: SweepConfig, size: tuple[int, ...]) -> lis
 
 
 def run_sweep(model: nn.Module, train: ImageData, test: ImageData, config: SweepConfig, out: str | Path,
-              console: Console | None = None) -> list[SweepRow]:
-    """Evaluate every grid point on copies of `model` (trained, untied); write the JSON to `out`."""
+              console: Console | None = None, baseline: dict[str, Any] | None = None) -> list[SweepRow]:
+    """Evaluate every grid point on copies of `model` (trained, untied); write the JSON to `out`.
+
+    `baseline`: how the model was trained (a checkpoint's `finetune` record), kept in the JSON."""
     console = console or Console(stderr=True)
     model = model.cpu().eval()
     channels = input_channels(model)
     test_adapter = Adapter.for_model(test, channels, config.image_size, augment=False)
+    calibration_adapter = Adapter.for_model(train, channels, config.image_size, augment=False)
     h, w = test.shape[1:] if config.image_size is None else (config.image_size, config.image_size)
     points = _points(model, config, (channels, h, w))
     rows: list[SweepRow] = []
@@ -187,6 +194,9 @@ def run_sweep(model: nn.Module, train: ImageData, test: ImageData, config: Sweep
             for loss, seed in runs:
                 t0 = time.perf_counter()
                 tied = tie(copy.deepcopy(model), plan, init=config.init, relax=relax)
+                if config.calibrate:
+                    recalibrate_bn(tied, train, images=config.calibrate, batch_size=config.batch_size,
+                                   adapter=calibration_adapter)
                 if acc_tied is None:  # tying is deterministic: the same for every seed and loss
                     acc_tied = evaluate(tied, test, test_adapter)["acc"]
                 history: list[dict[str, Any]] = []
@@ -206,17 +216,17 @@ def run_sweep(model: nn.Module, train: ImageData, test: ImageData, config: Sweep
                 console.print(f"{label} ({loss or 'no fine-tune'}, seed {seed}): "
                               f"{tied_plan.totals.params_after:,} params, tied {acc_tied:.4f} → {acc:.4f}",
                               soft_wrap=True)
-                write_sweep(out, model, train, config, rows)
-    write_sweep(out, model, train, config, rows)
+                write_sweep(out, model, train, config, rows, baseline)
+    write_sweep(out, model, train, config, rows, baseline)
     return rows
 
 
 def write_sweep(path: str | Path, model: nn.Module, data: ImageData, config: SweepConfig,
-                rows: list[SweepRow]) -> None:
+                rows: list[SweepRow], baseline: dict[str, Any] | None = None) -> None:
     spec = spec_of(model)
     payload = {"format": SWEEP_FORMAT, "command": "kshare " + shlex.join(sys.argv[1:]),
-               "model": spec.to_dict() if spec else None, "data": data.name, "train_images": len(data.labels),
-               "config": asdict(config), "rows": [asdict(r) for r in rows]}
+               "model": spec.to_dict() if spec else None, "baseline": baseline, "data": data.name,
+               "train_images": len(data.labels), "config": asdict(config), "rows": [asdict(r) for r in rows]}
     Path(path).write_text(json.dumps(payload, indent=1, default=str))
 
 
@@ -234,6 +244,16 @@ def _percent(row: SweepRow) -> str:
     return f"{100 * row.acc:.2f}" + (f" ± {100 * row.acc_sd:.2f}" if row.runs > 1 else "")
 
 
+def _baseline_line(record: dict[str, Any] | None) -> list[str]:
+    if not record:
+        return []
+    cfg, metrics = record.get("config", {}), record.get("metrics", {})
+    return ["", f"The untied baseline: {record.get('epoch', '?')} epoch(s) of `kshare finetune` on "
+                f"`{record.get('data', '?')}` ({cfg.get('optimizer', '?')}, lr {cfg.get('lr', 0):g}, batch "
+                f"{cfg.get('batch_size', '?')}, seed {cfg.get('seed', '?')}), test accuracy "
+                f"{100 * metrics.get('test_acc', float('nan')):.2f}% when it finished."]
+
+
 def sweep_markdown(payload: dict[str, Any], image: str | None = None) -> str:
     """A results section from a sweep JSON: every point (mean over seeds), then the size-matched comparisons."""
     runs = [SweepRow(**r) for r in payload["rows"]]
@@ -243,10 +263,12 @@ def sweep_markdown(payload: dict[str, Any], image: str | None = None) -> str:
     source = model.get("name", "the model") + "".join(f" {k}={v}" for k, v in (model.get("kwargs") or {}).items())
     seeds = config.get("seeds", [config.get("seed", 0)])
     tolerance = config.get("size_tolerance", 0.0)
+    calibrated = (f", BatchNorm statistics re-estimated on {config['calibrate']:,} training images"
+                  if config.get("calibrate") else "")
     lines = [f"Model: `{source}`, trained untied by kshare's own commands; data `{payload['data']}`; "
-             f"every point tied with init `{config['init']}` and fine-tuned for {config['epochs']} epoch(s) "
-             f"at lr {config['lr']:g} on {payload.get('train_images', '?')} training images, "
-             f"seed(s) {', '.join(map(str, seeds))}.", "",
+             f"every point tied with init `{config['init']}`{calibrated} and fine-tuned for "
+             f"{config['epochs']} epoch(s) at lr {config['lr']:g} on {payload.get('train_images', '?')} "
+             f"training images, seed(s) {', '.join(map(str, seeds))}.", *_baseline_line(payload.get("baseline")), "",
              "```bash", payload.get("command", "kshare sweep ..."), "```", "",
              "| point | loss | stored params | file | acc right after tying % | after fine-tune % |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]

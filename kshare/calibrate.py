@@ -1,0 +1,54 @@
+"""BatchNorm recalibration: re-estimate running statistics after tying, from images alone.
+
+Tying replaces each member's kernel by a shared one, so every BatchNorm after a tied conv
+normalises with statistics of activations that no longer exist; that, more than the kernel
+error itself, is why a freshly tied network often scores near chance. A few forward passes
+over unlabelled training images, with only the BatchNorm layers in training mode and a
+cumulative average (momentum None), give each layer the exact mean and variance of what it
+now sees. No gradient, no weight changes; cheap next to any fine-tune.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kshare.data import Adapter, ImageData
+from kshare.train import Runtime, _batches, input_channels
+
+BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
+
+
+def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers that keep running statistics (the ones recalibration can fix)."""
+    return [m for m in model.modules() if isinstance(m, BATCH_NORMS) and m.track_running_stats]
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: ImageData, *, images: int = 2048, batch_size: int = 128,
+                   adapter: Adapter | None = None) -> int:
+    """Reset and re-estimate every BatchNorm's running statistics on the first `images` images
+    of `data` (labels unused). Returns how many layers were recalibrated (0: the model has none,
+    and nothing changed). The model's train/eval mode and each layer's momentum are restored."""
+    norms = batch_norms(model)
+    if not norms:
+        return 0
+    device = next(model.parameters()).device
+    adapter = adapter or Adapter.for_model(data, input_channels(model), None, augment=False)
+    saved = [(m, m.momentum, m.training) for m in norms]
+    was_training = model.training
+    model.eval()
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batches
+            m.train()
+        n = min(images, len(data.labels))
+        for idx in _batches(n, batch_size, Runtime(0, 1, device), None):
+            model(adapter(data.images[idx].to(device)))
+    finally:
+        for m, momentum, training in saved:
+            m.momentum = momentum
+            m.train(training)
+        model.train(was_training)
+    return len(norms)
