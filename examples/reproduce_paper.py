@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=Path, default=Path("docs"), help="folder for results.md and img/")
     parser.add_argument("--no-docs", action="store_true", help="write only the JSON")
     parser.add_argument("--sweep", type=Path, help="a `kshare sweep` JSON to publish as section 3")
+    parser.add_argument("--sweep-script", type=Path, help="the script that made the sweep's baseline and JSON")
     args = parser.parse_args(argv)
 
     study = PRESETS[args.preset]
@@ -96,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.sweep:
                 picture = args.sweep.with_suffix(".png")
                 rel = os.path.relpath(picture, args.docs) if picture.is_file() else None
-                page += ("\n## 3. Beyond the paper: budget plans, relaxations, distillation\n\n"
+                made = (f"Made end to end (baseline, sweep, this section) by `bash {args.sweep_script}`.\n\n"
+                        if args.sweep_script else "")
+                page += ("\n## 3. Beyond the paper: budget plans, relaxations, distillation\n\n" + made
                          + sweep_markdown(read_sweep(args.sweep), rel) + "\n")
             name = "results.md" if args.preset == "cpu" else f"results_{args.preset}.md"
             (args.docs / name).write_text(page)
