@@ -27,6 +27,8 @@ from kshare.surgery import plan_of, tie
 from kshare.zoo import ModelSpec, attach_spec, build, check_state_fits, spec_of
 
 CHECKPOINT_FORMAT = "kshare.checkpoint/1"
+_UMASK = os.umask(0)  # read once, at import: umask can only be read by setting it
+os.umask(_UMASK)
 
 
 def _storage_key(t: torch.Tensor) -> tuple[Any, ...]:
@@ -74,10 +76,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~umask)
     try:
+        # mkstemp makes the file 0600: give it the mode a plain open() would (or the old file's)
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_UMASK)
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -85,6 +86,12 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     return path
 
 
@@ -119,9 +126,13 @@ def read(path: str | Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a kshare checkpoint (no {CHECKPOINT_FORMAT!r} marker): "
                               "pass a file written by `kshare apply` or kshare.save")
-    for key, kind in (("state", dict), ("aliases", dict)):
-        if not isinstance(payload.get(key), kind):
+    for key, kind in (("state", torch.Tensor), ("aliases", str)):
+        section = payload.get(key)
+        if not isinstance(section, dict):
             raise CheckpointError(f"{path} is a damaged kshare checkpoint: no {key!r} section")
+        if not all(isinstance(k, str) and isinstance(v, kind) for k, v in section.items()):
+            raise CheckpointError(f"{path} is a damaged kshare checkpoint: its {key!r} section holds "
+                                  f"entries other than names of {kind.__name__}s")
     return payload
 
 
@@ -130,13 +141,33 @@ def plan_from(payload: Mapping[str, Any]) -> SharingPlan | None:
     return SharingPlan.from_dict(data) if data else None
 
 
-def restore(payload: Mapping[str, Any], model: nn.Module | None = None, what: str = "checkpoint") -> nn.Module:
-    """Build (or take) the model, tie it from the plan, copy the state in."""
-    spec = ModelSpec.from_dict(payload["spec"]) if payload.get("spec") else None
+def spec_from(payload: Mapping[str, Any], what: str = "checkpoint") -> ModelSpec | None:
+    """The payload's source spec, checked for shape (a file may hold anything `weights_only` admits)."""
+    data = payload.get("spec")
+    if not data:
+        return None
+    if not (isinstance(data, Mapping) and isinstance(data.get("source"), str) and isinstance(data.get("name"), str)
+            and isinstance(data.get("kwargs") or {}, Mapping)):
+        raise CheckpointError(f"{what} is a damaged kshare checkpoint: its model spec is malformed")
+    return ModelSpec.from_dict(data)
+
+
+def restore(payload: Mapping[str, Any], model: nn.Module | None = None, what: str = "checkpoint",
+            trust_code: bool = False) -> nn.Module:
+    """Build (or take) the model, tie it from the plan, copy the state in.
+
+    A spec that rebuilds by importing or calling the user's code (`module:factory`,
+    `file.py:factory`) is built only with `trust_code`: otherwise a file would run code on load."""
+    spec = spec_from(payload, what)
     if model is None:
         if spec is None:
             raise CheckpointError(
                 f"{what} holds a model kshare cannot rebuild: pass the model (kshare.load(path, model), --model)"
+            )
+        if not trust_code and spec.runs_user_code:
+            raise CheckpointError(
+                f"{what} rebuilds its model by running {spec.name} (code outside kshare, torchvision and timm): "
+                "if you trust the file, pass --trust-code (kshare.load(path, trust_code=True)), or pass the model"
             )
         try:
             model = build(spec)
@@ -157,13 +188,15 @@ def restore(payload: Mapping[str, Any], model: nn.Module | None = None, what: st
     return model
 
 
-def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
-    """Load a kshare checkpoint (`.pt`, or a `.safetensors` export): tied exactly as saved."""
+def load(path: str | Path, model: nn.Module | None = None, *, trust_code: bool = False) -> nn.Module:
+    """Load a kshare checkpoint (`.pt`, or a `.safetensors` export): tied exactly as saved.
+
+    `trust_code`: rebuild a model whose spec names the user's own code (see `restore`)."""
     if Path(path).suffix == ".safetensors":
         from kshare.export import read_safetensors
 
-        return restore(read_safetensors(path), model, what=str(path))
-    return restore(read(path), model, what=str(path))
+        return restore(read_safetensors(path), model, what=str(path), trust_code=trust_code)
+    return restore(read(path), model, what=str(path), trust_code=trust_code)
 
 
 def summarize(path: str | Path) -> dict[str, Any]:
@@ -173,7 +206,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
     unique, aliases = payload["state"], payload["aliases"]
     stored = sum(t.numel() * t.element_size() for t in unique.values())
     expanded = stored + sum(unique[t].numel() * unique[t].element_size() for t in aliases.values())
-    spec = ModelSpec.from_dict(payload["spec"]) if payload.get("spec") else None
+    spec = spec_from(payload, str(path))
     return {
         "path": str(path),
         "file_bytes": Path(path).stat().st_size,

@@ -22,7 +22,16 @@ from kshare.calibrate import batch_norms, recalibrate_bn
 from kshare.checkpoint import load, save, summarize
 from kshare.checkpoint import read as read_checkpoint
 from kshare.data import Adapter, load_data
-from kshare.errors import ExportError, KShareError, PlanError, PolicyError, StudyError, TrainingError, WeightsError
+from kshare.errors import (
+    ExportError,
+    KShareError,
+    OptionError,
+    PlanError,
+    PolicyError,
+    StudyError,
+    TrainingError,
+    WeightsError,
+)
 from kshare.export import export_onnx, export_safetensors
 from kshare.graph import METHODS
 from kshare.plan import SharingPlan
@@ -51,15 +60,21 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def one_line_errors(fn: F) -> F:
-    """Turn a `KShareError` into `error: ...` on stderr and exit code 2."""
+    """Turn a `KShareError`, a file the OS refuses (`OSError`) or a missing optional package
+    (`ImportError`) into one `error: ...` line on stderr and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except KShareError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
+            message = str(exc)
+        except ImportError as exc:
+            message = f"{exc}; install the extra that provides it, e.g. pip install 'kshare[export]'"
+        except OSError as exc:
+            message = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+        typer.echo(f"error: {' '.join(message.split())}", err=True)
+        raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -81,7 +96,7 @@ def main_options(
 
 def _choice(value: str, allowed: tuple[str, ...], flag: str) -> str:
     if value not in allowed:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=flag)
+        raise OptionError(f"{flag}: {value!r} is not one of {', '.join(allowed)}")
     return value
 
 
@@ -100,6 +115,10 @@ InputSizeOpt = Annotated[str | None, typer.Option(help="Example input C,H,W (def
 WeightsOpt = Annotated[Path | None, typer.Option(help="Local state dict to load into the model.")]
 KwargOpt = Annotated[
     list[str] | None, typer.Option("--kwarg", "-k", help="Model argument KEY=VALUE, e.g. num_classes=10.")
+]
+TrustOpt = Annotated[
+    bool, typer.Option(help="Let a checkpoint rebuild its model by running the user code it names "
+                            "(module:factory, file.py:factory). Only for files you trust.")
 ]
 TraceOpt = Annotated[str, typer.Option(help="How to find the convs: auto (FX, else hooks), fx, hooks.")]
 
@@ -218,11 +237,12 @@ def export(
     model: Annotated[
         str | None, typer.Option(help="Architecture to load into, for checkpoints of models kshare cannot rebuild.")
     ] = None,
+    trust_code: TrustOpt = False,
 ) -> None:
     """Export a checkpoint to ONNX and/or safetensors, keeping shared tensors shared."""
     if onnx is None and safetensors is None:
         raise ExportError("nothing to export: pass --onnx FILE and/or --safetensors FILE")
-    net = load(checkpoint, load_model(model)[0] if model else None)
+    net = load(checkpoint, load_model(model)[0] if model else None, trust_code=trust_code)
     console = Console()
     if onnx is not None:
         with Console(stderr=True).status("exporting ONNX…"):
@@ -238,9 +258,10 @@ def export(
 def fold_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="A tied (optionally relaxed) kshare checkpoint.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the plain model.")],
+    trust_code: TrustOpt = False,
 ) -> None:
     """Bake every member's kernel into a plain convolution (no sharing, same outputs)."""
-    net = load(checkpoint)
+    net = load(checkpoint, trust_code=trust_code)
     plan = plan_of(net)
     fold(net)
     path = save(net, out)
@@ -286,6 +307,7 @@ def sweep(
                                                        "(0.005: within 0.5%).")] = 0.0,
     calibrate: Annotated[int, typer.Option(help="Re-estimate BatchNorm statistics on this many training images "
                                                 "after tying (0: off).")] = 0,
+    trust_code: TrustOpt = False,
     image_size: ImageSizeOpt = None,
     limit_train: LimitOpt = None,
     limit_test: LimitOpt = None,
@@ -303,7 +325,7 @@ def sweep(
     if Path(source).is_file():
         if weights is not None:
             raise WeightsError("--weights is for a model name; a checkpoint already holds its weights")
-        net = load(source)
+        net = load(source, trust_code=trust_code)
         if plan_of(net) is not None:
             raise PlanError(f"{source} is already tied: sweep starts from the untied model (kshare apply -g none)")
         baseline = read_checkpoint(source).get("extra", {}).get("finetune")
@@ -333,12 +355,16 @@ def _integer(text: str, option: str) -> int:
         raise StudyError(f"bad {option} value {text!r}: expected whole numbers such as 0,1,2") from None
 
 
-def _load_teacher(ref: str, weights: Path | None) -> nn.Module:
-    """A teacher from a kshare checkpoint, or a model name plus --teacher-weights."""
+def _load_teacher(ref: str, weights: Path | None, trust_code: bool) -> nn.Module:
+    """A teacher from a kshare checkpoint, or a model name plus --teacher-weights (a teacher
+    with random weights would teach noise: refused)."""
     if Path(ref).is_file():
         if weights is not None:
             raise TrainingError("--teacher-weights is for a model name; a checkpoint already holds its weights")
-        return load(ref)
+        return load(ref, trust_code=trust_code)
+    if weights is None:
+        raise TrainingError(f"teacher {ref!r} is a model name without weights: pass --teacher-weights FILE "
+                            "or a trained kshare checkpoint as --teacher")
     return load_model(ref, weights=weights)[0]
 
 
@@ -371,6 +397,7 @@ def finetune(
     seed: Annotated[int, typer.Option(help="Seed for init order, shuffling and augmentation.")] = 0,
     device: DeviceOpt = None,
     amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16, else fp16 with scaling).")] = True,
+    trust_code: TrustOpt = False,
 ) -> None:
     """Fine-tune a checkpoint on real data, keeping its sharing; optionally distil from a teacher."""
     config = TrainConfig(
@@ -381,8 +408,8 @@ def finetune(
     if teacher is not None and not distill:
         raise TrainingError("--teacher given without --distill")
     out = out or checkpoint.with_name(checkpoint.stem + ".ft.pt")
-    net, state = resume_state(out) if resume else (load(checkpoint), None)
-    teacher_net = _load_teacher(teacher, teacher_weights) if distill and teacher else None
+    net, state = resume_state(out, trust_code=trust_code) if resume else (load(checkpoint, trust_code=trust_code), None)
+    teacher_net = _load_teacher(teacher, teacher_weights, trust_code) if distill and teacher else None
     train_data = load_data(data, "train", data_root, image_size).subset(limit_train)
     test_data = load_data(data, "test", data_root, image_size).subset(limit_test)
     try:
@@ -408,9 +435,10 @@ def evaluate_cmd(
     limit_test: LimitOpt = None,
     device: DeviceOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    trust_code: TrustOpt = False,
 ) -> None:
     """Test accuracy and loss of a checkpoint on a dataset's test split."""
-    net = load(checkpoint)
+    net = load(checkpoint, trust_code=trust_code)
     test_data = load_data(data, "test", data_root, image_size).subset(limit_test)
     rt = runtime(device)
     net.to(rt.device)
@@ -437,11 +465,12 @@ def calibrate(
     device: DeviceOpt = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to save (default: overwrite CHECKPOINT).")
                    ] = None,
+    trust_code: TrustOpt = False,
 ) -> None:
     """Re-estimate BatchNorm statistics after tying (no labels, no training); report test accuracy."""
     if images < 1:
         raise TrainingError(f"--images must be at least 1, got {images}")
-    net = load(checkpoint)
+    net = load(checkpoint, trust_code=trust_code)
     if not batch_norms(net):
         raise TrainingError(f"{checkpoint} has no BatchNorm layer with running statistics: nothing to calibrate")
     train_data = load_data(data, "train", data_root, image_size)

@@ -24,6 +24,10 @@ class PolicyError(KShareError):
     """A sharing policy string or option that cannot be understood or applied."""
 
 
+class OptionError(KShareError):
+    """A command-line option whose value is not one of the choices it takes."""
+
+
 class InputSizeError(KShareError):
     """An example input size that is malformed or that the model cannot run on."""
 

@@ -152,7 +152,7 @@ class SharingPlan:
                 relax=str(data.get("relax", "none")),
                 relax_params=int(data.get("relax_params", 0)),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PlanError(f"malformed kshare plan: {type(exc).__name__} {exc}") from None
 
     @classmethod

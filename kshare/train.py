@@ -250,7 +250,8 @@ def state_path(out: str | Path) -> Path:
     return out.with_name(out.stem + ".resume" + (out.suffix or ".pt"))
 
 
-def resume_state(out: str | Path, model: nn.Module | None = None) -> tuple[nn.Module, dict[str, Any]]:
+def resume_state(out: str | Path, model: nn.Module | None = None, trust_code: bool = False
+                 ) -> tuple[nn.Module, dict[str, Any]]:
     """The model and training state saved by the last completed epoch of the run writing `out`."""
     path = state_path(out)
     if not path.is_file():
@@ -260,7 +261,7 @@ def resume_state(out: str | Path, model: nn.Module | None = None) -> tuple[nn.Mo
     state = payload.get("extra", {}).get("train_state")
     if not state:
         raise TrainingError(f"{path} holds no training state to resume from")
-    return restore(payload, model, what=str(path)), state
+    return restore(payload, model, what=str(path), trust_code=trust_code), state
 
 
 def config_changes(saved: dict[str, Any], config: TrainConfig) -> list[str]:

@@ -32,6 +32,10 @@ from kshare.safeio import safe_load
 from kshare.signature import is_conv
 
 PREFIXES = ("kshare", "torchvision", "timm")
+# `module:Class` specs under these packages build a model class of theirs: no code of anyone else.
+TRUSTED_MODEL_MODULES = ("torchvision.models.", "timm.models.")
+# Model arguments that would make a factory read or fetch weights by itself, outside `safe_load`.
+LOADING_KWARGS = ("checkpoint_path", "pretrained_cfg_overlay", "cache_dir")
 PAPER_MODELS = (
     "convmixer_256_16",
     "convmixer_256_8",
@@ -58,6 +62,23 @@ class ModelSpec:
     def ref(self) -> str:
         """The unambiguous name, e.g. `torchvision:resnet50` or `my_pkg.nets:small_cnn`."""
         return f"{self.source}:{self.name}" if self.source in PREFIXES else self.name
+
+    @property
+    def runs_user_code(self) -> bool:
+        """Whether building it imports or calls code outside kshare, torchvision and timm's model
+        classes: such a spec, read from a file, must not be built unless the user trusts the file."""
+        if self.source in PREFIXES:
+            return False
+        if self.source != "python":
+            return True
+        module, _, attr = self.name.rpartition(":")
+        if not any(module == pkg.rstrip(".") or module.startswith(pkg) for pkg in TRUSTED_MODEL_MODULES):
+            return True
+        try:  # a module inside torchvision's or timm's model packages: importing it runs only theirs
+            target = getattr(importlib.import_module(module), attr, None)
+        except ImportError:
+            return True
+        return not (isinstance(target, type) and issubclass(target, nn.Module))
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "name": self.name, "kwargs": dict(self.kwargs)}
@@ -216,6 +237,10 @@ def build(spec: ModelSpec) -> nn.Module:
             "kshare never downloads weights: drop pretrained/weights and pass --weights FILE (a local state dict)"
         )
     kwargs.pop("pretrained", None)
+    if loading := [k for k in LOADING_KWARGS if kwargs.get(k) not in (None, "", {})]:
+        raise ModelBuildError(
+            f"model argument {loading[0]!r} would load weights outside kshare: pass --weights FILE instead"
+        )
     factory = _factory(spec)
     try:
         model = factory(**kwargs)

@@ -185,3 +185,64 @@ def test_interrupted_save_leaves_the_old_file(tmp_path: Path, monkeypatch: pytes
         kshare.save(model, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def _with_spec(good: Path, target: Path, spec: dict) -> Path:
+    payload = torch.load(good, weights_only=True)
+    payload["spec"] = spec
+    torch.save(payload, target)
+    return target
+
+
+def test_a_spec_naming_user_code_is_built_only_when_trusted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint is data: loading it must not import or call code it names, unless the user says so."""
+    monkeypatch.chdir(tmp_path)
+    good = kshare.save(load_model("kshare:convmixer_32_2")[0], tmp_path / "good.pt")
+    marker = tmp_path / "pwned"
+    evil_py = tmp_path / "evil_net.py"
+    evil_py.write_text(f"open({str(marker)!r}, 'w').close()\n"
+                       "from kshare.models.paper import convmixer\n"
+                       "def build():\n    return convmixer(32, 2)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    hostile = {
+        "system": _with_spec(good, tmp_path / "system.pt",
+                             {"source": "python", "name": "os:system", "kwargs": {"command": f"touch {marker}"}}),
+        "module": _with_spec(good, tmp_path / "module.pt", {"source": "python", "name": "evil_net:build"}),
+        "file": _with_spec(good, tmp_path / "file.pt", {"source": "file", "name": f"{evil_py}:build"}),
+        "io": _with_spec(good, tmp_path / "io.pt", {"source": "python", "name": "torchvision.io:write_file",
+                                                    "kwargs": {"filename": str(marker), "data": None}}),
+    }
+    for path in hostile.values():
+        with pytest.raises(kshare.CheckpointError, match="--trust-code"):
+            kshare.load(path)
+        for command in (["eval", str(path), "--data", "digits"], ["export", str(path), "--safetensors", "x.st"],
+                        ["fold", str(path), "--out", "f.pt"], ["finetune", str(path), "--data", "digits"]):
+            code, out = _runner(*command)
+            assert code == 2 and "--trust-code" in out and len(out.strip().splitlines()) == 1, (command, out)
+        assert not marker.exists(), path
+    assert "evil_net" not in __import__("sys").modules  # not even imported
+
+    # trusted, the user's own model file is rebuilt (and runs, as the user asked)
+    model = kshare.load(hostile["file"], trust_code=True)
+    assert marker.exists() and sum(p.numel() for p in model.parameters()) > 0
+    # a model class of torchvision's own model package needs no trust
+    dense = load_model("torchvision.models.densenet:DenseNet", {"growth_rate": 4, "block_config": (1, 1),
+                                                                "num_init_features": 8, "num_classes": 3})[0]
+    path = kshare.save(dense, tmp_path / "dense.pt")
+    assert isinstance(kshare.load(path), nn.Module)
+
+
+def test_wrong_kinds_inside_a_safe_file_are_one_line_errors(tmp_path: Path) -> None:
+    good = kshare.save(load_model("kshare:convmixer_32_2")[0], tmp_path / "good.pt")
+    for section, value, message in (("state", {"a": "not a tensor"}, "'state' section"),
+                                    ("aliases", {"a": torch.zeros(1)}, "'aliases' section"),
+                                    ("spec", ["resnet18"], "model spec is malformed"),
+                                    ("plan", {"format": "kshare.plan/1", "totals": []}, "malformed kshare plan")):
+        payload = torch.load(good, weights_only=True)
+        payload[section] = value
+        path = tmp_path / f"{section}.pt"
+        torch.save(payload, path)
+        with pytest.raises(kshare.KShareError, match=message):
+            kshare.load(path)
+        code, out = _runner("info", str(path))
+        assert code == 2 and message in out and len(out.strip().splitlines()) == 1, out

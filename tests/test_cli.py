@@ -109,7 +109,20 @@ def test_weights_that_do_not_fit(tmp_path: Path) -> None:
 
 def test_bad_match_choice_exits_2() -> None:
     code, out = run("analyze", "resnet18", "--match", "fuzzy")
-    assert code == 2 and "fuzzy" in out
+    assert code == 2 and "--match: 'fuzzy' is not one of strict, shape" in out
+    assert len(out.strip().splitlines()) == 1, out
+
+
+def test_files_the_os_refuses_are_one_line_errors(tmp_path: Path) -> None:
+    (tmp_path / "taken").mkdir()  # the target is a folder: the final rename fails
+    code, out = run("apply", "kshare:convmixer_32_2", "--out", str(tmp_path / "taken"))
+    assert code == 2 and out.startswith("error: ") and "taken" in out and len(out.strip().splitlines()) == 1, out
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]  # no temporary file left behind
+
+
+def test_timm_arguments_that_load_files_are_refused(tmp_path: Path) -> None:
+    code, out = run("analyze", "timm:resnet18", "-k", f"checkpoint_path={tmp_path / 'w.pth'}")
+    assert code == 2 and "checkpoint_path" in out and "--weights" in out, out
 
 
 def test_apply_info_export_round_trip(tmp_path: Path) -> None:

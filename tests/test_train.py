@@ -99,17 +99,28 @@ def test_distill_loss_by_value() -> None:
     assert kd_same.item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_distill_uses_teacher_and_never_updates_it(tmp_path: Path) -> None:
+def test_distill_uses_teacher_and_never_updates_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = load_data("digits", "train")
     student = kshare.tie(small_mixer(), "all")
     teacher = small_mixer()
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
     calls = []
     teacher.register_forward_hook(lambda m, i, o: calls.append(o.detach().clone()))
+    received: list[tuple[torch.Tensor | None, torch.Tensor]] = []
+
+    def recording(student_logits, teacher_logits, target, cfg):  # the loop's loss, seen from outside
+        total, ce, kd = distill_loss(student_logits, teacher_logits, target, cfg)
+        received.append((teacher_logits, total.detach() - (1 - cfg.alpha) * ce.detach()))
+        return total, ce, kd
+
+    monkeypatch.setattr(kshare.train, "distill_loss", recording)
     config = TrainConfig(epochs=1, lr=1e-3, batch_size=128, distill=True, alpha=0.5)
     finetune(student, data, load_data("digits", "test"), config, tmp_path / "s.pt", teacher=teacher)
     steps = -(-len(data.labels) // 128)
-    assert len(calls) == steps
+    assert len(calls) == steps and len(received) == steps
+    for seen, (given, kd_part) in zip(calls, received, strict=True):  # the teacher's own logits reach the loss
+        assert given is not None and torch.equal(given, seen)
+        assert kd_part.item() > 1e-4  # and its term is in the loss that is minimised
     assert not teacher.training and all(not p.requires_grad and p.grad is None for p in teacher.parameters())
     assert all(torch.equal(v, teacher_state[k]) for k, v in teacher.state_dict().items())
 
@@ -266,6 +277,8 @@ def test_cli_bad_input(digits_ckpt: Path, tmp_path: Path) -> None:
     assert "not a kshare checkpoint" in _bad("finetune", str(foreign), "--data", "digits")
     assert "without --distill" in _bad("finetune", str(digits_ckpt), "--data", "digits", "--teacher", str(seven))
     assert "needs a teacher" in _bad("finetune", str(digits_ckpt), "--data", "digits", "--distill")
+    assert "--teacher-weights" in _bad("finetune", str(digits_ckpt), "--data", "digits", "--distill",
+                                       "--teacher", "resnet18")  # a random teacher would teach noise
     assert "no resumable state" in _bad("finetune", str(digits_ckpt), "--data", "digits", "--resume",
                                         "--out", str(tmp_path / "x.pt"))
     assert "optimizer" in _bad("finetune", str(digits_ckpt), "--data", "digits", "--optimizer", "lion")
