@@ -12,7 +12,6 @@ continues where it stopped when run again with the same --out.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from dataclasses import replace
@@ -20,11 +19,10 @@ from pathlib import Path
 
 from kshare.errors import KShareError
 from kshare.reproduce import Arch, Study, read_study, run_study
-from kshare.results import markdown, plot
-from kshare.sweep import read_sweep, sweep_markdown
+from kshare.results import plot, results_page
 
 PRESETS = {
-    # Fits the project's 2-core CPU machine in well under an hour (docs/results.md says how long).
+    # Fits the project's 2-core CPU machine in under an hour (docs/results.md says how long).
     "cpu": Study(
         archs=(
             Arch("ConvMixer-64/8", "kshare:convmixer_64_8", {"kernel_size": 5, "patch_size": 2}, epochs=4,
@@ -59,7 +57,7 @@ PRESETS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--data", help="fashion-mnist (default), cifar10, cifar100, imagefolder:PATH, digits")
@@ -71,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-docs", action="store_true", help="write only the JSON")
     parser.add_argument("--sweep", type=Path, help="a `kshare sweep` JSON to publish as section 3")
     parser.add_argument("--sweep-script", type=Path, help="the script that made the sweep's baseline and JSON")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     study = PRESETS[args.preset]
     if args.data:
@@ -93,14 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             header, records = read_study(args.out)
             images = plot(records, args.docs / "img", prefix=args.preset)
             command = "python examples/reproduce_paper.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-            page = markdown(header, records, study, command.strip(), images, args.docs)
-            if args.sweep:
-                picture = args.sweep.with_suffix(".png")
-                rel = os.path.relpath(picture, args.docs) if picture.is_file() else None
-                made = (f"Made end to end (baseline, sweep, this section) by `bash {args.sweep_script}`.\n\n"
-                        if args.sweep_script else "")
-                page += ("\n## 3. Beyond the paper: budget plans, relaxations, distillation\n\n" + made
-                         + sweep_markdown(read_sweep(args.sweep), rel) + "\n")
+            page = results_page(header, records, study, command.strip(), images, args.docs, args.sweep,
+                                args.sweep_script)
             name = "results.md" if args.preset == "cpu" else f"results_{args.preset}.md"
             (args.docs / name).write_text(page)
             print(f"wrote {args.out}, {args.docs / name} and {len(images)} plots")

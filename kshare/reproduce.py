@@ -122,6 +122,7 @@ class StudyFile:
         self.study = study
         self.records: dict[str, RunRecord] = {}
         self.notes: dict[str, Any] = {}
+        self.machine = machine()  # where the runs were measured: a file keeps the one that started it
         if path.is_file():
             try:
                 data = json.loads(path.read_text())
@@ -133,6 +134,7 @@ class StudyFile:
                 raise StudyError(f"{path} holds a study with other settings: pass another --out, or delete it")
             self.records = {r["key"]: RunRecord(**r) for r in data.get("runs", [])}
             self.notes = data.get("notes", {})
+            self.machine = data.get("machine") or self.machine
 
     def set_note(self, key: str, value: Any) -> None:
         self.notes[key] = value
@@ -143,7 +145,7 @@ class StudyFile:
         self._write()
 
     def _write(self) -> None:
-        payload = {"format": STUDY_FORMAT, "study": _jsonable(self.study), "machine": machine(),
+        payload = {"format": STUDY_FORMAT, "study": _jsonable(self.study), "machine": self.machine,
                    "notes": self.notes, "runs": [asdict(r) for r in self.records.values()]}
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(payload, indent=1))

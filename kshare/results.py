@@ -6,6 +6,7 @@ paper's own figures, which are labelled as the paper's.
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
@@ -248,7 +249,13 @@ def markdown(header: dict[str, Any], records: list[RunRecord], study: Study, com
         f"Data: `{study.data}` ({'all' if study.train_limit is None else f'first {study.train_limit:,}'} "
         f"training images, {'all' if study.test_limit is None else f'first {study.test_limit:,}'} test images). "
         f"Machine: {m.get('device', '?')}, {m.get('cpus', '?')} CPUs, {m.get('threads', '?')} threads, "
-        f"torch {m.get('torch', '?')}.",
+        f"torch {m.get('torch', '?')}. Training time of all {len(records)} runs: "
+        f"{sum(r.seconds for r in records) / 60:.1f} min (evaluation and plots aside).",
+        "",
+        *[f"- {a.label}: `{a.ref}`{''.join(f' {k}={v}' for k, v in a.kwargs.items())}, {a.epochs} epochs at "
+          f"lr {a.lr:g}, batch {a.batch_size}"
+          + (f", images resized to {a.image_size}×{a.image_size}" if a.image_size else "") + "."
+          for a in study.archs],
         "",
         "## 1. The paper's setting: trained from scratch, unshared vs shared",
         "",
@@ -287,3 +294,18 @@ def markdown(header: dict[str, Any], records: list[RunRecord], study: Study, com
         rel = img.relative_to(relative_to) if img.is_relative_to(relative_to) else img
         lines += [f"![{img.stem}]({rel.as_posix()})", ""]
     return "\n".join(lines)
+
+
+def results_page(header: dict[str, Any], records: list[RunRecord], study: Study, command: str, images: list[Path],
+                 docs: Path, sweep: Path | None = None, sweep_script: Path | None = None) -> str:
+    """The whole `docs/results.md`: the study's sections, then a published sweep as section 3."""
+    from kshare.sweep import read_sweep, sweep_markdown
+
+    page = markdown(header, records, study, command, images, docs)
+    if sweep is None:
+        return page
+    picture = sweep.with_suffix(".png")
+    rel = os.path.relpath(picture, docs) if picture.is_file() else None
+    made = f"Made end to end (baseline, sweep, this section) by `bash {sweep_script}`.\n\n" if sweep_script else ""
+    return (page + "\n## 3. Beyond the paper: budget plans, relaxations, distillation\n\n" + made
+            + sweep_markdown(read_sweep(sweep), rel) + "\n")

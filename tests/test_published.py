@@ -1,0 +1,36 @@
+"""The published results page is what its command renders from the committed JSON: no hand edits."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+
+from kshare.reproduce import _jsonable, read_study
+from kshare.results import results_page
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = ROOT / "docs" / "results.md"
+
+
+def test_results_page_is_rendered_from_the_committed_study_and_sweep(monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)  # the page's paths are relative to the project root, as its command ran
+    spec = importlib.util.spec_from_file_location("reproduce_paper", ROOT / "examples" / "reproduce_paper.py")
+    assert spec and spec.loader
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    published = PAGE.read_text()
+    command = re.search(r"```bash\n(python examples/reproduce_paper\.py[^\n]*)\n```", published)
+    assert command, "the page names the command that made it"
+    args = script.build_parser().parse_args(shlex.split(command[1])[2:])
+    header, records = read_study(args.out)
+    study = script.PRESETS[args.preset]
+    assert header["study"] == _jsonable(study)  # the JSON was made with the preset the command names
+    images = sorted((args.docs / "img").glob(f"{args.preset}_*.png"))
+    assert len(images) == 3
+    order = [m[1] for m in re.finditer(r"!\[(\w+)\]\(img/", published)]
+    images = sorted(images, key=lambda p: order.index(p.stem))
+    rendered = results_page(header, records, study, command[1], images, args.docs, args.sweep, args.sweep_script)
+    assert rendered == published
