@@ -229,12 +229,12 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "kshare.cli",
          "finetune", str(base), "--data", "digits", "--epochs", "2", "--batch-size", "32", "--lr", "3e-3",
-         "--out", str(out), "--device", "cpu"],
+         "--out", str(out), "--device", "cpu", "--trust-code"],  # the user's own model file
         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "DDP looks for unused parameters" in run.stderr  # the model's unused conv
     line = next(x for x in run.stderr.splitlines() if "identical on all 2 ranks" in x)
-    model = kshare.load(out)
+    model = kshare.load(out, trust_code=True)
     assert members_alias(model)
     assert f"fingerprint {fingerprint(model)}" in line  # what rank 0 saved is what every rank holds
     saved = torch.load(out, weights_only=True)
