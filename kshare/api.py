@@ -11,6 +11,7 @@ from kshare.budget import budget_plan, parse_budget
 from kshare.graph import Inspection, inspect_model
 from kshare.plan import SharingPlan
 from kshare.policy import Policy, build_plan
+from kshare.relax import Relaxation, with_relaxation
 from kshare.zoo import ModelSpec, default_input_size, load_model, spec_of
 
 
@@ -35,14 +36,17 @@ def analyze(
     input_size: Sequence[int] | str | None = None,
     method: str = "auto",
     spec: ModelSpec | None = None,
+    relax: str | None = None,
 ) -> Analysis:
     """Inspect `model` (a module, or a name `kshare.zoo` resolves) and plan its sharing.
 
     `policy` is a `Policy` or a policy string (`all`, `stage`, `chunk:K`, `stage+chunk:K`, or
     `budget:F` for a similarity-driven plan keeping at most fraction F of the conv parameters);
     keyword options override the matching fields of the policy. `spec` records where a
-    module came from (set automatically when `model` is a name).
+    module came from (set automatically when `model` is a name). `relax` (`scale`, `lora:R`)
+    counts a relaxation's per-member parameters in the totals, and in a budget.
     """
+    relaxation = Relaxation.parse(relax)
     if isinstance(model, str):
         model, spec = load_model(model)
     spec = spec or spec_of(model)
@@ -59,9 +63,9 @@ def analyze(
     inspection = inspect_model(model, size, method=method)
     source = spec.ref if spec else None
     if budget is not None:
-        plan = budget_plan(model, inspection, budget, policy, source=source)
+        plan = budget_plan(model, inspection, budget, policy, source=source, relaxation=relaxation)
     else:
-        plan = build_plan(inspection, policy, source=source)
+        plan = with_relaxation(build_plan(inspection, policy, source=source), relaxation)
     return Analysis(inspection=inspection, plan=plan, spec=spec)
 
 

@@ -21,6 +21,7 @@ from kshare.errors import PlanError, PolicyError
 from kshare.graph import ConvSite, Inspection
 from kshare.plan import Group, SharingPlan, Unshared, make_plan
 from kshare.policy import Policy, build_plan, candidate_sites
+from kshare.relax import Relaxation, with_relaxation
 from kshare.surgery import _initial, _medoid
 
 
@@ -100,8 +101,38 @@ def _sse(x: torch.Tensor, labels: list[int]) -> float:
 
 
 def budget_plan(model: nn.Module, inspection: Inspection, fraction: float, policy: Policy,
-                source: str | None = None) -> SharingPlan:
+                source: str | None = None, relaxation: Relaxation | None = None) -> SharingPlan:
     """Group isomorphic kernels by similarity until conv parameters are at most `fraction` of now.
+
+    A relaxation's per-member parameters count against the budget too: the kernel budget is
+    searched (bisection) for the plan that, relaxed, stores the most without exceeding it.
+    """
+    relaxation = relaxation or Relaxation()
+    if not relaxation.active:
+        return _kernel_budget_plan(model, inspection, fraction, policy, source)
+    conv = inspection.stats.conv_params
+    target = fraction * conv * (1 + 1e-9)
+    lo, hi, best = 0.0, fraction, None  # relaxing only adds: the kernels alone get at most `fraction`
+    while (hi - lo) * conv >= 0.5:
+        mid = (lo + hi) / 2
+        try:
+            plan = with_relaxation(_kernel_budget_plan(model, inspection, max(mid, 1e-9), policy, source), relaxation)
+        except PlanError:  # below the floor: no plan shares that much
+            lo = mid
+            continue
+        if plan.totals.conv_params_after <= target:
+            best, lo = plan, mid
+        else:
+            hi = mid
+    if best is None:
+        raise PlanError(f"budget {fraction:g} is out of reach with relaxation {relaxation.name}: even sharing every "
+                        "isomorphic kernel, the per-member parameters exceed it")
+    return dataclasses.replace(best, policy=f"budget:{fraction:g}")
+
+
+def _kernel_budget_plan(model: nn.Module, inspection: Inspection, fraction: float, policy: Policy,
+                        source: str | None) -> SharingPlan:
+    """The plan whose shared kernels (no relaxation) fit `fraction` of the conv parameters.
 
     Candidates: the greedy Ward clustering, and every positional plan (`all`, `stage`,
     `chunk:K`, `stage+chunk:K`) that fits the budget; each is refined by k-means with its

@@ -121,11 +121,13 @@ TrustOpt = Annotated[
                             "(module:factory, file.py:factory). Only for files you trust.")
 ]
 TraceOpt = Annotated[str, typer.Option(help="How to find the convs: auto (FX, else hooks), fx, hooks.")]
+RelaxOpt = Annotated[str, typer.Option(help=f"Per-member parameters on the shared kernel: {RELAX_HELP}; "
+                                            "counted in every figure and in a budget.")]
 
 
 def _analyze(model: str, groups: str, match: str, include: list[str] | None, exclude: list[str] | None,
              min_size: int, share_bias: bool, input_size: str | None, weights: Path | None,
-             kwarg: list[str] | None, trace: str) -> tuple[nn.Module, Analysis]:
+             kwarg: list[str] | None, trace: str, relax: str) -> tuple[nn.Module, Analysis]:
     """Build the model and analyse it: the common front half of `analyze` and `apply`."""
     _choice(match, MATCH_MODES, "--match")
     _choice(trace, METHODS, "--trace")
@@ -133,7 +135,7 @@ def _analyze(model: str, groups: str, match: str, include: list[str] | None, exc
         net, spec = load_model(model, parse_kwargs(kwarg), weights)
     result = analyze_model(
         net, groups, match=match, include=include or (), exclude=exclude or (), min_size=min_size,
-        share_bias=share_bias, input_size=input_size, method=trace, spec=spec,
+        share_bias=share_bias, input_size=input_size, method=trace, spec=spec, relax=relax,
     )
     return net, result
 
@@ -152,11 +154,12 @@ def analyze(
     weights: WeightsOpt = None,
     kwarg: KwargOpt = None,
     trace: TraceOpt = "auto",
+    relax: RelaxOpt = "none",
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON for scripts.")] = False,
 ) -> None:
     """Show which convolutions could share a kernel under a policy, and what it saves."""
     _, result = _analyze(model, groups, match, include, exclude, min_size, share_bias, input_size, weights,
-                         kwarg, trace)
+                         kwarg, trace, relax)
     if as_json:
         typer.echo(analysis_json(result))
     else:
@@ -170,8 +173,9 @@ def apply(
     model: ModelArg = DEFAULT_MODEL,
     groups: GroupsOpt = "all",
     plan: Annotated[Path | None, typer.Option(help="Apply this plan JSON instead of a policy.")] = None,
-    init: Annotated[str, typer.Option(help="Shared kernel from the members': first, mean, medoid, norm_mean.")
-                    ] = "first",
+    init: Annotated[str | None, typer.Option(help="Shared kernel from the members': first, mean, medoid, norm_mean "
+                                                  "(default: the plan's own; budget plans use mean, others first).")
+                    ] = None,
     match: MatchOpt = "strict",
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
@@ -182,15 +186,15 @@ def apply(
     kwarg: KwargOpt = None,
     trace: TraceOpt = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the random init (models built without --weights).")] = 0,
-    relax: Annotated[str, typer.Option(help=f"Per-member parameters on the shared kernel: {RELAX_HELP}.")
-                     ] = "none",
+    relax: RelaxOpt = "none",
 ) -> None:
     """Tie the sharing groups of a model and save it: each shared kernel is stored once.
 
     `--groups none` saves the model untied: a baseline checkpoint for `finetune`, `eval`,
     `--teacher` and `sweep`.
     """
-    _choice(init, INITS, "--init")
+    if init is not None:
+        _choice(init, INITS, "--init")
     Relaxation.parse(relax)
     torch.manual_seed(seed)
     if groups == "none" and plan is None:
@@ -205,7 +209,7 @@ def apply(
         net, spec = load_model(model, parse_kwargs(kwarg), weights)
     else:
         net, result = _analyze(model, groups, match, include, exclude, min_size, share_bias, input_size, weights,
-                               kwarg, trace)
+                               kwarg, trace, relax)
         chosen, spec = result.plan, result.spec
     tie(net, chosen, init=init, relax=relax)
     path = save(net, out, spec=spec)

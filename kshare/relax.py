@@ -17,15 +17,20 @@ nothing but convolutions.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from kshare.errors import PlanError
+
+if TYPE_CHECKING:  # plan.py imports graph.py, which imports this module
+    from kshare.plan import SharingPlan
 
 RELAX_HELP = "none, scale, lora:R, or scale+lora:R"
 
@@ -62,9 +67,26 @@ class Relaxation:
     def active(self) -> bool:
         return self.scale or self.rank > 0
 
+    def rank_for(self, weight_shape: Sequence[int]) -> int:
+        """The rank a member of this shape gets: no more than its kernel matrix has."""
+        return min(self.rank, weight_shape[0], _fan_in(weight_shape))
+
     def params_per_member(self, weight_shape: Sequence[int]) -> int:
         out, fan_in = weight_shape[0], _fan_in(weight_shape)
-        return (out if self.scale else 0) + self.rank * (out + fan_in)
+        return (out if self.scale else 0) + self.rank_for(weight_shape) * (out + fan_in)
+
+
+def with_relaxation(plan: SharingPlan, relaxation: Relaxation) -> SharingPlan:
+    """`plan` counting `relaxation` (and no other) in its totals: the one place these figures move."""
+    extra = sum(relaxation.params_per_member(g.signature.weight_shape) * len(g.members) for g in plan.groups)
+    change = extra - plan.relax_params
+    if change == 0 and plan.relax == relaxation.name:
+        return plan
+    itemsize = plan.groups[0].signature.itemsize if plan.groups else 0
+    t = plan.totals
+    return dataclasses.replace(plan, relax=relaxation.name, relax_params=extra, totals=dataclasses.replace(
+        t, params_after=t.params_after + change, param_bytes_after=t.param_bytes_after + change * itemsize,
+        conv_params_after=t.conv_params_after + change))
 
 
 def _fan_in(shape: Sequence[int]) -> int:
@@ -83,7 +105,7 @@ class MemberDelta(nn.Module):
         out, fan_in = weight_shape[0], _fan_in(weight_shape)
         self.scale = nn.Parameter(torch.ones(out, dtype=dtype, device=device)) if relaxation.scale else None
         if relaxation.rank:
-            rank = min(relaxation.rank, out, fan_in)
+            rank = relaxation.rank_for(weight_shape)
             self.lora_a = nn.Parameter(torch.zeros(out, rank, dtype=dtype, device=device))
             self.lora_b = nn.Parameter(torch.zeros(rank, fan_in, dtype=dtype, device=device))
         else:

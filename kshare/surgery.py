@@ -17,7 +17,7 @@ from torch import nn
 from kshare.errors import PlanError
 from kshare.plan import Group, SharingPlan
 from kshare.policy import Policy
-from kshare.relax import Relaxation, is_relaxed, relax_member, shared_kernel
+from kshare.relax import Relaxation, is_relaxed, relax_member, shared_kernel, with_relaxation
 
 INITS = ("first", "mean", "medoid", "norm_mean")
 _PLAN_ATTR = "_kshare_plan"
@@ -94,7 +94,8 @@ def tie(
     if not isinstance(plan, SharingPlan):
         from kshare.api import analyze
 
-        plan = analyze(model, plan, input_size=input_size, **policy_options).plan  # type: ignore[arg-type]
+        plan = analyze(model, plan, input_size=input_size, relax=relax, **policy_options  # type: ignore[arg-type]
+                       ).plan
     elif policy_options:
         raise PlanError(f"policy options {sorted(policy_options)} apply to a policy, not to a ready plan")
     plan.validate(model)
@@ -104,20 +105,13 @@ def tie(
             raise PlanError(f"plan group {group.name} has unknown init {group.init!r}")
     relaxation = Relaxation.parse(relax if relax is not None else plan.relax)
     modules = dict(model.named_modules())
-    extra = 0
     for group in groups:
         originals = [modules[m].weight.detach().clone() for m in group.members] if relaxation.active else []
         _tie_group(modules, group, group.init, plan.share_bias)
         for name, original in zip(group.members, originals, strict=False):  # empty unless relaxed
             relax_member(modules[name], relaxation, original)
-            extra += relaxation.params_per_member(original.shape)
-    plan = dataclasses.replace(plan, groups=groups, relax=relaxation.name)
-    if extra and plan.relax_params == 0:
-        itemsize = plan.groups[0].signature.itemsize
-        t = plan.totals
-        plan = dataclasses.replace(plan, relax_params=extra, totals=dataclasses.replace(
-            t, params_after=t.params_after + extra, param_bytes_after=t.param_bytes_after + extra * itemsize,
-            conv_params_after=t.conv_params_after + extra))
+    # a ready plan may count another relaxation (or none): count the one applied
+    plan = with_relaxation(dataclasses.replace(plan, groups=groups), relaxation)
     object.__setattr__(model, _PLAN_ATTR, plan)
     return model
 

@@ -109,30 +109,16 @@ def aggregate(rows: list[SweepRow]) -> list[SweepRow]:
     return merged
 
 
-def _stored_params(plan: SharingPlan, relaxation: Relaxation) -> int:
-    extra = sum(relaxation.params_per_member(g.signature.weight_shape) * len(g.members) for g in plan.groups)
-    return plan.totals.params_after + extra
-
-
 def matched_budget(model: nn.Module, inspection: Inspection, target: int, relaxation: Relaxation,
                    policy: Policy) -> SharingPlan | None:
-    """The budget plan that, with `relaxation`, stores the most parameters not above `target`."""
-    conv = inspection.stats.conv_params
-    lo, hi, best = 0.0, 1.0, None
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        try:
-            plan = budget_plan(model, inspection, max(mid, 1e-6), policy)
-        except PlanError:  # below the floor: no plan shares that much
-            lo = mid
-            continue
-        if _stored_params(plan, relaxation) <= target:
-            best, lo = plan, mid
-        else:
-            hi = mid
-        if hi - lo < 0.5 / conv:
-            break
-    return best
+    """The budget plan that, with `relaxation` counted, stores the most parameters not above `target`
+    (a whole-model count, such as another plan's `params_after`); None when none fits."""
+    stats = inspection.stats
+    fraction = (target - (stats.params - stats.conv_params)) / stats.conv_params
+    try:
+        return budget_plan(model, inspection, fraction, policy, relaxation=relaxation)
+    except PlanError:  # out of reach: even the most sharing stores more
+        return None
 
 
 def _points(model: nn.Module, config: SweepConfig, size: tuple[int, ...]) -> list[tuple[str, SharingPlan | None,
@@ -148,9 +134,13 @@ def _points(model: nn.Module, config: SweepConfig, size: tuple[int, ...]) -> lis
         for relax in config.relaxations:
             points.append((name if relax == "none" else f"{name}+{relax}", plans[name], relax, ""))
     for fraction in config.budgets:
-        plan = budget_plan(model, inspection, fraction, policy)
-        for relax in config.relaxations:
-            points.append((f"budget:{fraction:g}" + ("" if relax == "none" else f"+{relax}"), plan, relax, ""))
+        for relax in config.relaxations:  # the relaxation's parameters count against the budget too
+            label = f"budget:{fraction:g}" + ("" if relax == "none" else f"+{relax}")
+            try:
+                points.append((label, budget_plan(model, inspection, fraction, policy,
+                                                  relaxation=Relaxation.parse(relax)), relax, ""))
+            except PlanError as exc:
+                points.append((label, None, relax, str(exc)))
     for name in config.match:
         target = int(plans[name].totals.params_after * (1 + config.size_tolerance))
         for relax in config.relaxations:

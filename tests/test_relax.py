@@ -158,3 +158,55 @@ def test_cli_apply_relax_info_and_fold(tmp_path: Path) -> None:
     kshare.save(mixer(), plain)
     bad = runner.invoke(app, ["fold", str(plain), "--out", str(folded)])
     assert bad.exit_code == 2 and "nothing to fold" in bad.output
+
+
+def _stored(model: nn.Module) -> int:
+    return sum({id(p): p.numel() for p in model.parameters()}.values())
+
+
+def test_counts_stay_true_when_the_rank_is_clamped_or_the_plan_carried_another_relaxation() -> None:
+    depthwise = nn.Sequential(*[nn.Conv2d(4, 4, 3, padding=1, groups=4) for _ in range(3)])  # kernel 4 × 9
+    model = kshare.tie(copy.deepcopy(depthwise), "all", relax="lora:16", input_size=(4, 8, 8))
+    assert kshare.plan_of(model).totals.params_after == _stored(model)  # rank 4 at most, counted as 4
+    scaled = kshare.plan_of(kshare.tie(mixer(), "all", relax="scale"))
+    for relax in ("lora:2", "none"):  # a ready plan counting `scale`, tied with something else
+        model = kshare.tie(mixer(), scaled, relax=relax)
+        plan = kshare.plan_of(model)
+        assert plan.relax == relax and plan.totals.params_after == _stored(model), relax
+
+
+@pytest.mark.parametrize("relax", ["scale", "lora:1"])
+def test_a_budget_counts_the_relaxation(relax: str) -> None:
+    model = mixer()
+    conv_before = sum(m.weight.numel() + m.bias.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
+    kshare.tie(model, "budget:0.5", relax=relax)
+    plan = kshare.plan_of(model)
+    conv_after = sum({id(p): p.numel() for m in model.modules() if isinstance(m, nn.Conv2d)
+                      for p in m.parameters()}.values())
+    assert plan.policy == "budget:0.5" and plan.relax == relax and plan.relax_params > 0
+    assert conv_after == plan.totals.conv_params_after <= 0.5 * conv_before
+    assert plan.totals.params_after == _stored(model)
+    plain = kshare.plan(mixer(), "budget:0.5")
+    assert plan.totals.conv_params_after - plan.relax_params <= plain.totals.conv_params_after  # kernels pay for it
+
+
+def test_cli_budget_ties_with_the_mean_and_analyze_counts_relaxations(tmp_path: Path) -> None:
+    out = tmp_path / "b.pt"
+    result = CliRunner().invoke(app, ["apply", "kshare:convmixer_32_4", "-g", "budget:0.4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    torch.manual_seed(0)  # apply's default --seed: the same random init
+    untied = kshare.load_model("kshare:convmixer_32_4")[0]
+    tied = kshare.load(out)
+    plan, ref = kshare.plan_of(tied), dict(untied.named_modules())
+    modules = dict(tied.named_modules())
+    for g in plan.groups:
+        assert g.init == "mean"
+        expected = torch.stack([ref[m].weight.detach() for m in g.members]).mean(0)
+        torch.testing.assert_close(modules[g.members[0]].weight.detach(), expected)
+    for relax in ("none", "lora:2"):
+        args = ["analyze", "kshare:convmixer_32_4", "-g", "stage", "--relax", relax, "--json"]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        shown = kshare.SharingPlan.from_json(result.output)
+        model = kshare.tie(kshare.load_model("kshare:convmixer_32_4")[0], "stage", relax=relax)
+        assert shown.relax == relax and shown.totals.params_after == _stored(model)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -32,22 +33,26 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def stored(plan: SharingPlan, relax: str) -> int:
+    """Parameters stored, recomputed from the groups (not from the totals)."""
     r = Relaxation.parse(relax)
-    return plan.totals.params_after + sum(r.params_per_member(g.signature.weight_shape) * len(g.members)
-                                          for g in plan.groups)
+    return plan.totals.params_before - sum(g.params_saved for g in plan.groups) + sum(
+        r.params_per_member(g.signature.weight_shape) * len(g.members) for g in plan.groups)
 
 
 def test_matched_budget_is_the_largest_plan_that_fits(baseline: Path) -> None:
     model = kshare.load(baseline)
     analysis = analyze(model, "chunk:2", input_size=(1, 8, 8))
-    target = analysis.plan.totals.params_after
+    target, conv = analysis.plan.totals.params_after, analysis.plan.totals.conv_params_before
+    step = min(math.prod(g.signature.weight_shape) for g in analysis.plan.groups)  # the smallest kernel
     for relax in ("none", "scale", "lora:1"):
-        plan = matched_budget(model, analysis.inspection, target, Relaxation.parse(relax), Policy())
-        assert plan is not None and stored(plan, relax) <= target
-        # one more kernel kept (the next larger budget) would not fit
-        richer = analyze(model, f"budget:{(plan.totals.conv_params_after + 1100) / plan.totals.conv_params_before}",
-                         input_size=(1, 8, 8)).plan
-        assert stored(richer, relax) > target or richer.totals.params_after == plan.totals.params_after
+        r = Relaxation.parse(relax)
+        plan = matched_budget(model, analysis.inspection, target, r, Policy())
+        assert plan is not None and plan.relax == relax
+        assert plan.totals.params_after == stored(plan, relax) <= target
+        kernels = plan.totals.conv_params_after - plan.relax_params
+        for k in range(1, 12):  # any larger kernel budget, relaxed, no longer fits or stores no more
+            richer = analyze(model, f"budget:{min(1.0, (kernels + k * step) / conv)}", input_size=(1, 8, 8)).plan
+            assert stored(richer, relax) > target or stored(richer, relax) <= plan.totals.params_after, (relax, k)
     floor = analyze(model, "all", input_size=(1, 8, 8))
     assert matched_budget(model, floor.inspection, floor.plan.totals.params_after, Relaxation.parse("scale"),
                           Policy()) is None  # `all` is the most sharing there is: no room for a relaxation
