@@ -210,3 +210,45 @@ def test_cli_budget_ties_with_the_mean_and_analyze_counts_relaxations(tmp_path: 
         shown = kshare.SharingPlan.from_json(result.output)
         model = kshare.tie(kshare.load_model("kshare:convmixer_32_4")[0], "stage", relax=relax)
         assert shown.relax == relax and shown.totals.params_after == _stored(model)
+
+
+def test_lora_starts_as_the_truncated_svd_of_the_residual() -> None:
+    original = mixer()
+    kernels = {n: m.weight.detach().clone() for n, m in original.named_modules() if isinstance(m, nn.Conv2d)}
+    model = kshare.tie(copy.deepcopy(original), "all", init="mean", relax="lora:3")
+    modules = dict(model.named_modules())
+    for group in kshare.plan_of(model).groups:
+        shared = shared_kernel(modules[group.members[0]]).detach().double().flatten(1)
+        for name in group.members:
+            delta = modules[name].parametrizations.weight[0]
+            residual = kernels[name].double().flatten(1) - shared
+            u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+            best = (u[:, :3] * s[:3]) @ vh[:3]  # Eckart–Young: the best rank-3 approximation
+            torch.testing.assert_close((delta.lora_a @ delta.lora_b).double(), best, rtol=1e-4, atol=1e-6)
+
+
+def test_relaxed_model_through_safetensors_and_compile(tmp_path: Path) -> None:
+    model = kshare.tie(mixer(), "stage", init="mean", relax="scale+lora:2")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    kshare.export_safetensors(model, tmp_path / "r.safetensors")
+    loaded = kshare.load(tmp_path / "r.safetensors").eval()
+    assert kshare.plan_of(loaded).relax == "scale+lora:2"
+    verify_tied(loaded)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+
+    compiled = torch.compile(loaded)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-5)
+    eager = copy.deepcopy(loaded).train()
+    loaded.train()
+    grads = []
+    for net, run in ((eager, eager), (loaded, torch.compile(loaded))):
+        net.zero_grad()
+        run(x).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in net.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():  # the shared kernel's and every delta's gradient, compiled as eager
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-3, atol=1e-5, msg=name)

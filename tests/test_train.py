@@ -19,6 +19,7 @@ import kshare
 from kshare.cli import app
 from kshare.data import FASHION_MNIST_ROOT, ImageData, load_data
 from kshare.errors import TrainingError
+from kshare.relax import shared_kernel
 from kshare.surgery import plan_of
 from kshare.train import (
     TrainConfig,
@@ -45,12 +46,12 @@ def small_mixer() -> nn.Module:
 
 
 def members_alias(model: nn.Module) -> bool:
-    """Every group of the attached plan holds one weight tensor (same object and storage)."""
+    """Every group of the attached plan holds one kernel tensor (same object and storage), relaxed or not."""
     modules = dict(model.named_modules())
     plan = plan_of(model)
     assert plan is not None and plan.groups
     for g in plan.groups:
-        weights = [modules[m].weight for m in g.members]
+        weights = [shared_kernel(modules[m]) for m in g.members]
         if any(w is not weights[0] or w.data_ptr() != weights[0].data_ptr() for w in weights):
             return False
     return True
@@ -220,9 +221,11 @@ def test_sync_metrics_keeps_exactly_the_completed_epochs(tmp_path: Path) -> None
     assert config_changes(saved, TrainConfig(lr=2e-3, epochs=5)) == ["lr 0.001 → 0.002"]
 
 
-def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("relax", ["none", "scale+lora:1"])  # plain aliasing, and parametrized members
+def test_torchrun_two_cpu_processes(tmp_path: Path, relax: str) -> None:
     base = tmp_path / "rb.pt"
-    apply = cli("apply", f"{ROOT / 'tests' / 'conftest.py'}:make_residual_bn", "-g", "all", "--out", str(base))
+    apply = cli("apply", f"{ROOT / 'tests' / 'conftest.py'}:make_residual_bn", "-g", "all", "--relax", relax,
+                "--out", str(base))
     assert apply.returncode == 0, apply.stderr
     out = tmp_path / "ddp.pt"
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -235,7 +238,7 @@ def test_torchrun_two_cpu_processes(tmp_path: Path) -> None:
     assert "DDP looks for unused parameters" in run.stderr  # the model's unused conv
     line = next(x for x in run.stderr.splitlines() if "identical on all 2 ranks" in x)
     model = kshare.load(out, trust_code=True)
-    assert members_alias(model)
+    assert members_alias(model) and plan_of(model).relax == relax
     assert f"fingerprint {fingerprint(model)}" in line  # what rank 0 saved is what every rank holds
     saved = torch.load(out, weights_only=True)
     assert saved["aliases"] and all(k not in saved["state"] for k in saved["aliases"])
