@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work", type=Path, help="where checkpoints go (default: next to --out)")
     parser.add_argument("--docs", type=Path, default=Path("docs"), help="folder for results.md and img/")
     parser.add_argument("--no-docs", action="store_true", help="write only the JSON")
-    parser.add_argument("--sweep", type=Path, help="a `kshare sweep` JSON to publish as section 3")
+    parser.add_argument("--sweep", type=Path, nargs="+", default=[],
+                        help="`kshare sweep` JSON file(s) to publish as section 3")
     parser.add_argument("--sweep-script", type=Path, help="the script that made the sweep's baseline and JSON")
     return parser
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -297,15 +298,20 @@ def markdown(header: dict[str, Any], records: list[RunRecord], study: Study, com
 
 
 def results_page(header: dict[str, Any], records: list[RunRecord], study: Study, command: str, images: list[Path],
-                 docs: Path, sweep: Path | None = None, sweep_script: Path | None = None) -> str:
-    """The whole `docs/results.md`: the study's sections, then a published sweep as section 3."""
+                 docs: Path, sweeps: Sequence[Path] = (), sweep_script: Path | None = None) -> str:
+    """The whole `docs/results.md`: the study's sections, then published sweeps as section 3."""
     from kshare.sweep import read_sweep, sweep_markdown
 
     page = markdown(header, records, study, command, images, docs)
-    if sweep is None:
+    if not sweeps:
         return page
-    picture = sweep.with_suffix(".png")
-    rel = os.path.relpath(picture, docs) if picture.is_file() else None
-    made = f"Made end to end (baseline, sweep, this section) by `bash {sweep_script}`.\n\n" if sweep_script else ""
-    return (page + "\n## 3. Beyond the paper: budget plans, relaxations, distillation\n\n" + made
-            + sweep_markdown(read_sweep(sweep), rel) + "\n")
+    page += "\n## 3. Beyond the paper: budget plans, relaxations, distillation\n\n"
+    if sweep_script:
+        page += f"Made end to end (baseline, sweeps, this section) by `bash {sweep_script}`.\n\n"
+    for number, sweep in enumerate(sweeps, 1):
+        picture = sweep.with_suffix(".png")
+        rel = os.path.relpath(picture, docs) if picture.is_file() else None
+        if len(sweeps) > 1:
+            page += f"### 3.{number}. `{sweep.name}`\n\n"
+        page += sweep_markdown(read_sweep(sweep), rel) + "\n"
+    return page
