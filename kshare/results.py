@@ -103,7 +103,11 @@ def retrofit_table(records: list[RunRecord]) -> str:
     lines = ["| architecture | sharing | init | loss | seeds | stored params | acc right after tying % | "
              "after fine-tune % | Δ vs its baseline | epochs to within 1 point |",
              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    outcome: dict[tuple[object, ...], str | None] = {}  # identical results: the same model (e.g. medoid of 2)
     for (arch, policy, init, distill), rs in groups.items():
+        same = outcome.setdefault((arch, policy, distill, tuple((r.acc_before, r.test_acc) for r in rs)), init)
+        if same != init:
+            init = f"{init} (= {same}: same model)"
         before = statistics.mean(r.acc_before or 0.0 for r in rs)
         after = statistics.mean(r.test_acc for r in rs)
         delta = statistics.mean(r.test_acc - (r.baseline_acc or 0.0) for r in rs)

@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 
 from kshare.reproduce import _jsonable, read_study
-from kshare.results import results_page
+from kshare.results import results_page, retrofit_table
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "results.md"
@@ -34,3 +34,15 @@ def test_results_page_is_rendered_from_the_committed_study_and_sweep(monkeypatch
     images = sorted(images, key=lambda p: order.index(p.stem))
     rendered = results_page(header, records, study, command[1], images, args.docs, args.sweep, args.sweep_script)
     assert rendered == published
+
+
+def test_retrofit_rows_that_are_the_same_model_say_so() -> None:
+    _, records = read_study(ROOT / "results" / "paper_study.json")
+    rows = [line.split(" | ") for line in retrofit_table(records).splitlines()[2:]]
+    marked = [(r[1], r[2]) for r in rows if "same model" in r[2]]
+    assert marked and all(policy == "chunk:2" and init.startswith("medoid (= first") for policy, init in marked)
+    # the marked rows really repeat their twin's figures, and no other row repeats another's
+    figures = {}
+    for r in rows:
+        figures.setdefault((r[0], r[1], r[3], tuple(r[6:8])), []).append(r[2])
+    assert all(len(inits) == 1 or any("same model" in i for i in inits[1:]) for inits in figures.values())
