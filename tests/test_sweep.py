@@ -97,6 +97,9 @@ def test_cli_sweep_writes_json_and_plot(baseline: Path, tmp_path: Path) -> None:
     assert f"| budget≈chunk:2+scale vs chunk:2 | kd | {matched.params:,} vs {plain.params:,} " in page
     assert f"{100 * matched.acc:.2f} ± {100 * matched.acc_sd:.2f} vs {100 * plain.acc:.2f}" in page
     assert f"| {wins} of 2 |" in page and "![sweep](img/s.png)" in page
+    delta = f"{100 * (matched.acc - plain.acc):+.2f}"  # one relaxed comparison with KD: the verdict says it
+    assert (f"higher in every seed in {int(wins == 2)} of 1 comparisons (Δ of the means from {delta} to {delta} "
+            "points)") in page
     assert "Model: `kshare:convmixer_32_4" in page or "convmixer_32_4" in page
 
 
