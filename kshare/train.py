@@ -107,13 +107,17 @@ def runtime(device: str | None = None) -> Runtime:
     return Runtime(rank, dist.get_world_size() if dist.is_initialized() else 1, dev)
 
 
-def _batches(n: int, batch_size: int, rt: Runtime, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
-    """Index batches for this rank: a shuffled (or ordered) equal share of the n samples."""
+def _batches(n: int, batch_size: int, rt: Runtime, generator: torch.Generator | None,
+             every: bool = False) -> Iterator[torch.Tensor]:
+    """Index batches for this rank: a shuffled (or ordered) equal share of the n samples, without a
+    lone last sample (BatchNorm cannot train on one). `every`: all n samples, shares as they fall
+    (evaluation, where every image must count and ranks need not step together)."""
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    share = order[rt.rank : (n // rt.world) * rt.world : rt.world] if rt.world > 1 else order
+    end = n if every or rt.world == 1 else (n // rt.world) * rt.world
+    share = order[rt.rank : end : rt.world]
     for start in range(0, len(share), batch_size):
         idx = share[start : start + batch_size]
-        if len(idx) > 1 or len(share) == 1:
+        if every or len(idx) > 1 or len(share) == 1:
             yield idx
 
 
@@ -186,7 +190,7 @@ def evaluate(model: nn.Module, data: ImageData, adapter: Adapter | None = None, 
     was_training = model.training
     model.eval()
     loss = correct = count = 0.0
-    for idx in _batches(len(data.labels), batch_size, rt, None):
+    for idx in _batches(len(data.labels), batch_size, rt, None, every=True):
         x = adapter(data.images[idx].to(rt.device, non_blocking=True))
         y = data.labels[idx].to(rt.device, non_blocking=True)
         with _autocast(rt, config or TrainConfig()):

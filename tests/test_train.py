@@ -17,14 +17,17 @@ from typer.testing import CliRunner
 
 import kshare
 from kshare.cli import app
-from kshare.data import FASHION_MNIST_ROOT, ImageData, load_data
+from kshare.data import FASHION_MNIST_ROOT, Adapter, ImageData, load_data
 from kshare.errors import TrainingError
 from kshare.relax import shared_kernel
 from kshare.surgery import plan_of
 from kshare.train import (
+    Runtime,
     TrainConfig,
+    _batches,
     config_changes,
     distill_loss,
+    evaluate,
     finetune,
     fingerprint,
     parameters_without_grad,
@@ -307,3 +310,17 @@ def test_distill_needs_teacher_api(tmp_path: Path) -> None:
                      tuple("0123456789"), (0.5,), (0.5,))
     with pytest.raises(TrainingError, match="needs a teacher"):
         finetune(small_mixer(), data, data, TrainConfig(distill=True), tmp_path / "x.pt")
+
+
+def test_evaluation_counts_every_image() -> None:
+    data = load_data("digits", "test").subset(257)  # one image past a whole number of batches
+    model = small_mixer().eval()
+    result = evaluate(model, data, batch_size=128)
+    assert result["n"] == 257
+    adapter = Adapter.for_model(data, 1, None, augment=False)
+    with torch.no_grad():
+        predictions = model(adapter(data.images)).argmax(1)
+    assert result["acc"] == pytest.approx(int((predictions == data.labels).sum()) / 257, abs=1e-12)
+    shares = [torch.cat(list(_batches(257, 128, Runtime(rank, 2, torch.device("cpu")), None, every=True)))
+              for rank in (0, 1)]  # two ranks: every image exactly once
+    assert sorted(torch.cat(shares).tolist()) == list(range(257))
