@@ -19,7 +19,7 @@ from kshare._version import __version__
 from kshare.api import Analysis
 from kshare.api import analyze as analyze_model
 from kshare.calibrate import batch_norms, recalibrate_bn
-from kshare.checkpoint import load, save, summarize
+from kshare.checkpoint import load, restore, save, summarize
 from kshare.checkpoint import read as read_checkpoint
 from kshare.data import Adapter, load_data
 from kshare.errors import (
@@ -292,7 +292,7 @@ def _csv(text: str) -> tuple[str, ...]:
 def sweep(
     source: Annotated[str, typer.Argument(help="An untied kshare checkpoint, or a model name (with --weights).")],
     data: Annotated[str, typer.Option("--data", help="Dataset to evaluate (and fine-tune) on.")] = "fashion-mnist",
-    data_root: Annotated[Path | None, typer.Option(help="Folder holding the dataset's files.")] = None,
+    data_root: DataRootOpt = None,
     weights: WeightsOpt = None,
     kwarg: KwargOpt = None,
     policies: Annotated[str, typer.Option(help="Positional policies, comma-separated.")] = "all,stage",
@@ -329,10 +329,11 @@ def sweep(
     if Path(source).is_file():
         if weights is not None:
             raise WeightsError("--weights is for a model name; a checkpoint already holds its weights")
-        net = load(source, trust_code=trust_code)
+        payload = read_checkpoint(source)  # read once: the model and how it was trained
+        net = restore(payload, what=source, trust_code=trust_code)
         if plan_of(net) is not None:
             raise PlanError(f"{source} is already tied: sweep starts from the untied model (kshare apply -g none)")
-        baseline = read_checkpoint(source).get("extra", {}).get("finetune")
+        baseline = payload.get("extra", {}).get("finetune")
     else:
         net, _ = load_model(source, parse_kwargs(kwarg), weights)
     train_data = load_data(data, "train", data_root, image_size).subset(limit_train)
