@@ -389,10 +389,15 @@ def finetune(
                     with torch.no_grad():
                         t_logits = logits_of(teacher(x)) if teacher is not None and config.distill else None
                     loss, _, _ = distill_loss(logits.float(), t_logits, y, config)
-                if not torch.isfinite(loss):
+                finite = bool(torch.isfinite(loss))
+                # every rank learns of a bad loss on any rank and stops with it: a rank that stopped
+                # alone would leave the others waiting in the next gradient all-reduce
+                if (not finite if rt.world == 1 else _all_sum([float(not finite)], rt)[0] > 0):
                     last = f"the last good checkpoint {out} (epoch {epoch}) is kept" if epoch > 0 else \
                         "no checkpoint was written"
-                    raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; {last}; "
+                    where = "" if finite else f" on rank {rt.rank}" if rt.world > 1 else ""
+                    value = loss.item() if not finite else "non-finite on another rank"
+                    raise TrainingError(f"loss became {value}{where} at epoch {epoch + 1} step {step + 1}; {last}; "
                                         "lower --lr or set --clip-grad")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -423,7 +428,8 @@ def finetune(
             if rt.main:
                 # The resumable state first (model + optimiser), then the slim model: a kill
                 # between the two loses nothing, and `out` never carries optimiser moments.
-                provenance = {"epoch": epoch + 1, "data": train_data.name, "config": asdict(config), "metrics": row}
+                provenance = {"epoch": epoch + 1, "data": train_data.name, "train_images": len(train_data.labels),
+                              "config": asdict(config), "metrics": row}
                 train_state = provenance | {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                             "rng": _rng_state()}
                 save(model, state_path(out), spec=spec_of(model), extra={"train_state": train_state})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -73,6 +75,28 @@ class ResidualBNNet(nn.Module):
 
 def make_residual_bn(**kwargs: int) -> nn.Module:
     return ResidualBNNet(**kwargs)
+
+
+class NanOnRankOne(nn.Module):
+    """Under torchrun, rank 1's output turns NaN from its third training forward; rank 0's never."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.head(self.conv(x).mean((2, 3)))
+        if self.training and os.environ.get("RANK") == "1":
+            self.calls += 1
+            if self.calls > 2:
+                return out * float("nan")
+        return out
+
+
+def make_nan_on_rank_one() -> nn.Module:
+    return NanOnRankOne()
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -248,6 +249,23 @@ def test_torchrun_two_cpu_processes(tmp_path: Path, relax: str) -> None:
     rows = [json.loads(x) for x in out.with_suffix(".metrics.jsonl").read_text().splitlines()]
     assert [r["world_size"] for r in rows] == [2, 2]
     assert rows[-1]["test_acc"] > 0.5
+
+
+def test_torchrun_nan_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
+    base = tmp_path / "nan.pt"
+    apply = cli("apply", f"{ROOT / 'tests' / 'conftest.py'}:make_nan_on_rank_one", "-g", "none", "--out", str(base))
+    assert apply.returncode == 0, apply.stderr
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    run = subprocess.run(  # a rank left waiting would hang until the timeout fails the test
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "kshare.cli",
+         "finetune", str(base), "--data", "digits", "--epochs", "1", "--batch-size", "32",
+         "--out", str(tmp_path / "out.pt"), "--device", "cpu", "--trust-code"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert run.returncode != 0
+    bad = re.search(r"error: loss became nan on rank 1 at (epoch 1 step \d+);", run.stderr)
+    assert bad, run.stderr[-3000:]  # and rank 0 stops at the same step, told why
+    assert f"error: loss became non-finite on another rank at {bad[1]};" in run.stderr, run.stderr[-3000:]
+    assert not (tmp_path / "out.pt").exists()
 
 
 runner = CliRunner()
