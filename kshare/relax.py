@@ -4,7 +4,9 @@ Hard sharing forces every member onto one kernel. A relaxation gives each member
 parameters of its own, applied with `torch.nn.utils.parametrize` so the module keeps its
 class, name and `weight` attribute and the shared kernel stays a single `nn.Parameter`:
 
-- `scale`: one factor per output channel, `W_m = s_m ⊙ W`;
+- `scale`: one factor per output channel, `W_m = s_m ⊙ W` (per slice of the kernel's first
+  dimension: for a transposed convolution, whose kernel is in × out/groups × k, that is per
+  input channel);
 - `lora:R`: a rank-R delta, `W_m = W + A_m B_m` (A: out × R, B: R × in·k·k);
 - `scale+lora:R`: both.
 
