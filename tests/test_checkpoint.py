@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,22 @@ def test_resnet50_file_is_its_unique_bytes(tmp_path: Path) -> None:
     # the untied file holds every member's kernel: bigger by what the plan saves
     saved_bytes = plan.totals.param_bytes_before - plan.totals.param_bytes_after
     assert untied_size - size == pytest.approx(saved_bytes, rel=0.02)
+
+
+def test_tensors_are_packed_into_one_storage_record_per_dtype(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, _ = load_model("kshare:convmixer_64_4")
+    kshare.tie(model, "all", relax="lora:1", input_size=(3, 32, 32))  # many small per-member tensors
+    path = kshare.save(model, tmp_path / "m.pt")
+    records = [n for n in zipfile.ZipFile(path).namelist() if "/data/" in n]
+    state = model.state_dict()
+    assert len(records) == len({t.dtype for t in state.values()}) == 2  # float32 and BN's int64 counters
+    plain = tmp_path / "plain.pt"  # the same tensors, each its own storage
+    torch.save({k: v.detach().clone() for k, v in kshare.checkpoint.dedup_state(state)[0].items()}, plain)
+    assert path.stat().st_size < plain.stat().st_size
+    loaded = kshare.load(path)
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in state.items())
+    _outputs_equal(model, loaded, (3, 32, 32))
 
 
 def test_onnx_export_is_small_and_matches(tmp_path: Path) -> None:
