@@ -312,6 +312,9 @@ def results_page(header: dict[str, Any], records: list[RunRecord], study: Study,
     page += "\n## 3. Beyond the paper: budget plans, relaxations, distillation\n\n"
     if sweep_script:
         page += f"Made end to end (baseline, sweeps, this section) by `bash {sweep_script}`.\n\n"
+    if len(sweeps) > 1:
+        page += ("Each subsection is one `kshare sweep`; they differ in how long the baseline was trained, how "
+                 "long each point is fine-tuned and whether BatchNorm statistics are re-estimated after tying.\n\n")
     for number, sweep in enumerate(sweeps, 1):
         picture = sweep.with_suffix(".png")
         rel = os.path.relpath(picture, docs) if picture.is_file() else None

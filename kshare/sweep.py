@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import shlex
 import sys
 import tempfile
@@ -238,10 +239,26 @@ def _baseline_line(record: dict[str, Any] | None) -> list[str]:
     if not record:
         return []
     cfg, metrics = record.get("config", {}), record.get("metrics", {})
+    images = f" ({record['train_images']:,} training images)" if "train_images" in record else ""
     return ["", f"The untied baseline: {record.get('epoch', '?')} epoch(s) of `kshare finetune` on "
-                f"`{record.get('data', '?')}` ({cfg.get('optimizer', '?')}, lr {cfg.get('lr', 0):g}, batch "
+                f"`{record.get('data', '?')}`{images} ({cfg.get('optimizer', '?')}, lr {cfg.get('lr', 0):g}, batch "
                 f"{cfg.get('batch_size', '?')}, seed {cfg.get('seed', '?')}), test accuracy "
                 f"{100 * metrics.get('test_acc', float('nan')):.2f}% when it finished."]
+
+
+def _steps(epochs: int, images: int, batch_size: int) -> int:
+    return epochs * math.ceil(images / batch_size)
+
+
+def _share_line(payload: dict[str, Any]) -> list[str]:
+    """How long each point's fine-tune is next to the baseline's training, when both are known."""
+    record, config = payload.get("baseline") or {}, payload["config"]
+    if "train_images" not in record or not isinstance(payload.get("train_images"), int) or not config["epochs"]:
+        return []
+    base = _steps(record.get("epoch", 0), record["train_images"], record.get("config", {}).get("batch_size", 128))
+    point = _steps(config["epochs"], payload["train_images"], config["batch_size"])
+    return ["", f"Each point's fine-tune takes {point:,} optimiser steps, {point / max(base, 1):.1%} of the "
+                f"{base:,} that trained the baseline."]
 
 
 def sweep_markdown(payload: dict[str, Any], image: str | None = None) -> str:
@@ -258,7 +275,8 @@ def sweep_markdown(payload: dict[str, Any], image: str | None = None) -> str:
     lines = [f"Model: `{source}`, trained untied by kshare's own commands; data `{payload['data']}`; "
              f"every point tied with init `{config['init']}`{calibrated} and fine-tuned for "
              f"{config['epochs']} epoch(s) at lr {config['lr']:g} on {payload.get('train_images', '?')} "
-             f"training images, seed(s) {', '.join(map(str, seeds))}.", *_baseline_line(payload.get("baseline")), "",
+             f"training images, seed(s) {', '.join(map(str, seeds))}.", *_baseline_line(payload.get("baseline")),
+             *_share_line(payload), "",
              "```bash", payload.get("command", "kshare sweep ..."), "```", "",
              "| point | loss | stored params | file | acc right after tying % | after fine-tune % |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
