@@ -304,7 +304,7 @@ def markdown(header: dict[str, Any], records: list[RunRecord], study: Study, com
 def results_page(header: dict[str, Any], records: list[RunRecord], study: Study, command: str, images: list[Path],
                  docs: Path, sweeps: Sequence[Path] = (), sweep_script: Path | None = None) -> str:
     """The whole `docs/results.md`: the study's sections, then published sweeps as section 3."""
-    from kshare.sweep import read_sweep, sweep_markdown
+    from kshare.sweep import read_sweep, sweep_markdown, sweeps_summary
 
     page = markdown(header, records, study, command, images, docs)
     if not sweeps:
@@ -314,7 +314,8 @@ def results_page(header: dict[str, Any], records: list[RunRecord], study: Study,
         page += f"Made end to end (baseline, sweeps, this section) by `bash {sweep_script}`.\n\n"
     if len(sweeps) > 1:
         page += ("Each subsection is one `kshare sweep`; they differ in how long the baseline was trained, how "
-                 "long each point is fine-tuned and whether BatchNorm statistics are re-estimated after tying.\n\n")
+                 "long each point is fine-tuned and whether BatchNorm statistics are re-estimated after tying. "
+                 "In brief:\n\n" + sweeps_summary({p.name: read_sweep(p) for p in sweeps}) + "\n\n")
     for number, sweep in enumerate(sweeps, 1):
         picture = sweep.with_suffix(".png")
         rel = os.path.relpath(picture, docs) if picture.is_file() else None

@@ -250,15 +250,94 @@ def _steps(epochs: int, images: int, batch_size: int) -> int:
     return epochs * math.ceil(images / batch_size)
 
 
-def _share_line(payload: dict[str, Any]) -> list[str]:
-    """How long each point's fine-tune is next to the baseline's training, when both are known."""
+def finetune_steps(payload: dict[str, Any]) -> tuple[int, int] | None:
+    """(each point's fine-tune steps, the baseline's training steps), when the sweep records both."""
     record, config = payload.get("baseline") or {}, payload["config"]
     if "train_images" not in record or not isinstance(payload.get("train_images"), int) or not config["epochs"]:
-        return []
+        return None
     base = _steps(record.get("epoch", 0), record["train_images"], record.get("config", {}).get("batch_size", 128))
-    point = _steps(config["epochs"], payload["train_images"], config["batch_size"])
+    return _steps(config["epochs"], payload["train_images"], config["batch_size"]), base
+
+
+def _share_line(payload: dict[str, Any]) -> list[str]:
+    """How long each point's fine-tune is next to the baseline's training, when both are known."""
+    steps = finetune_steps(payload)
+    if steps is None:
+        return []
+    point, base = steps
     return ["", f"Each point's fine-tune takes {point:,} optimiser steps, {point / max(base, 1):.1%} of the "
                 f"{base:,} that trained the baseline."]
+
+
+def sweeps_summary(payloads: dict[str, dict[str, Any]]) -> str:
+    """One line per published sweep and matched policy: relaxed budget plans with distillation
+    against the plain policy, so a claim that holds on one baseline only shows as such."""
+    lines = ["| sweep | baseline seed | baseline test acc % | fine-tune steps / baseline's | budget plan + "
+             "relaxation + KD vs the plain policy (Δ of means, points) | higher in every seed |",
+             "| --- | ---: | ---: | ---: | --- | ---: |"]
+    won = total = 0
+    for name, payload in payloads.items():
+        comparisons = [c for c in matched_comparisons(payload) if c.relaxed and c.loss == "kd"]
+        steps = finetune_steps(payload)
+        share = f"{steps[0]:,} / {steps[1]:,}" if steps else "–"
+        record = payload.get("baseline") or {}
+        acc, seed = record.get("metrics", {}).get("test_acc"), record.get("config", {}).get("seed", "–")
+        for target in dict.fromkeys(c.target for c in comparisons):
+            mine = [c for c in comparisons if c.target == target]
+            won, total = won + sum(c.every_seed for c in mine), total + len(mine)
+            deltas = ", ".join(f"{c.mine.label.removeprefix(f'budget≈{target}')} {c.delta:+.2f}" for c in mine)
+            shown = "–" if acc is None else f"{100 * acc:.2f}"
+            lines.append(f"| `{name}` | {seed} | {shown} | {share} | vs `{target}`: {deltas} | "
+                         f"{sum(c.every_seed for c in mine)} of {len(mine)} |")
+    return "\n".join([*lines, "", f"Higher in every seed in {won} of {total} size-matched comparisons across "
+                                   f"{len(payloads)} sweeps."])
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A budget plan against the plain policy whose size it was fitted to, under one loss."""
+
+    target: str
+    loss: str
+    mine: SweepRow  # mean over seeds
+    plain: SweepRow
+    wins: int  # seeds in which the budget plan scored higher
+    seeds: int  # seeds both ran
+
+    @property
+    def delta(self) -> float:
+        """Difference of the mean accuracies, in points."""
+        return 100 * (self.mine.acc - self.plain.acc)
+
+    @property
+    def relaxed(self) -> bool:
+        return "+" in self.mine.label
+
+    @property
+    def every_seed(self) -> bool:
+        return self.wins == self.seeds > 0
+
+
+def matched_comparisons(payload: dict[str, Any]) -> list[Comparison]:
+    """Every size-matched comparison a sweep holds (`--match`), seed by seed."""
+    runs = [SweepRow(**r) for r in payload["rows"]]
+    rows = aggregate(runs)
+    config = payload["config"]
+    found = []
+    for target in config.get("match", []):
+        for loss in config.get("losses", []):
+            plain = next((r for r in rows if r.label == target and r.loss == loss), None)
+            if plain is None:
+                continue
+            theirs = {x.seed: x.acc for x in runs if x.label == target and x.loss == loss}
+            for r in rows:
+                if not (r.label.startswith(f"budget≈{target}") and r.loss == loss and r.stored_bytes):
+                    continue
+                mine = {x.seed: x.acc for x in runs if x.label == r.label and x.loss == loss}
+                paired = [seed for seed in mine if seed in theirs]
+                found.append(Comparison(target, loss, r, plain, sum(mine[x] > theirs[x] for x in paired),
+                                        len(paired)))
+    return found
 
 
 def sweep_markdown(payload: dict[str, Any], image: str | None = None) -> str:
@@ -286,25 +365,14 @@ def sweep_markdown(payload: dict[str, Any], image: str | None = None) -> str:
             continue
         lines.append(f"| {r.label} | {r.loss or '–'} | {r.params:,} | {r.stored_bytes / 1024:,.1f} KiB | "
                      f"{100 * r.acc_tied:.2f} | {_percent(r)} |")
-    compare, relaxed_kd, no_room = [], [], []
-    for target in config.get("match", []):
-        if not any(r.label.startswith(f"budget≈{target}+") and r.stored_bytes for r in rows):
-            no_room.append(target)
-        for loss in config.get("losses", []):
-            plain = next((r for r in rows if r.label == target and r.loss == loss), None)
-            for r in rows:
-                if not (plain and r.label.startswith(f"budget≈{target}") and r.loss == loss and r.stored_bytes):
-                    continue
-                mine = {x.seed: x.acc for x in runs if x.label == r.label and x.loss == loss}
-                theirs = {x.seed: x.acc for x in runs if x.label == target and x.loss == loss}
-                paired = [s for s in mine if s in theirs]
-                wins = sum(mine[s] > theirs[s] for s in paired)
-                verdict = "higher" if r.acc > plain.acc else "not higher"
-                if "+" in r.label and loss == "kd":
-                    relaxed_kd.append((wins == len(paired) > 0, 100 * (r.acc - plain.acc)))
-                compare.append(f"| {r.label} vs {target} | {loss} | {r.params:,} vs {plain.params:,} "
-                               f"({r.params / plain.params - 1:+.2%}) | {_percent(r)} vs {_percent(plain)} | "
-                               f"{100 * (r.acc - plain.acc):+.2f} ({verdict}) | {wins} of {len(paired)} |")
+    comparisons = matched_comparisons(payload)
+    compare = [f"| {c.mine.label} vs {c.target} | {c.loss} | {c.mine.params:,} vs {c.plain.params:,} "
+               f"({c.mine.params / c.plain.params - 1:+.2%}) | {_percent(c.mine)} vs {_percent(c.plain)} | "
+               f"{c.delta:+.2f} ({'higher' if c.delta > 0 else 'not higher'}) | {c.wins} of {c.seeds} |"
+               for c in comparisons]
+    relaxed_kd = [(c.every_seed, c.delta) for c in comparisons if c.relaxed and c.loss == "kd"]
+    no_room = [t for t in config.get("match", [])
+               if not any(r.label.startswith(f"budget≈{t}+") and r.stored_bytes for r in rows)]
     if compare:
         allowance = f"at most {tolerance:.1%} more" if tolerance else "no more"
         lines += ["", f"Same size, same fine-tune budget: a budget plan (with a relaxation, or none) fitted to "

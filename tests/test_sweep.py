@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -16,7 +17,16 @@ from kshare.cli import app
 from kshare.plan import SharingPlan
 from kshare.policy import Policy
 from kshare.relax import Relaxation
-from kshare.sweep import SweepRow, aggregate, matched_budget, pareto, read_sweep, sweep_markdown
+from kshare.sweep import (
+    SweepRow,
+    aggregate,
+    matched_budget,
+    matched_comparisons,
+    pareto,
+    read_sweep,
+    sweep_markdown,
+    sweeps_summary,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -62,6 +72,28 @@ def test_pareto_front() -> None:
     rows = [SweepRow("a", "", "", None, 1, 100, 0.5, 0.5, 0), SweepRow("b", "", "", None, 1, 200, 0.6, 0.6, 0),
             SweepRow("c", "", "", None, 1, 300, 0.55, 0.55, 0), SweepRow("d", "", "", None, 1, 100, 0.4, 0.4, 0)]
     assert [r.label for r in pareto(rows)] == ["a", "b"]
+
+
+def _payload(mine: list[float], theirs: list[float], baseline: dict | None = None) -> dict:
+    rows = [SweepRow(label, "", "", "kd", params, 1, 0.1, acc, 0, seed=seed)
+            for label, params, accs in (("stage", 100, theirs), ("budget≈stage+lora:1", 99, mine),
+                                        ("budget≈stage", 100, [a + 0.5 for a in theirs]))
+            for seed, acc in enumerate(accs)]
+    return {"rows": [dataclasses.asdict(r) for r in rows], "train_images": 256, "baseline": baseline,
+            "config": {"match": ["stage"], "losses": ["kd"], "epochs": 1, "batch_size": 128}}
+
+
+def test_sweeps_summary_counts_wins_seed_by_seed_across_sweeps() -> None:
+    record = {"epoch": 2, "train_images": 1024, "config": {"batch_size": 128, "seed": 3}, "metrics": {"test_acc": 0.9}}
+    every = _payload([0.82, 0.81, 0.83], [0.80, 0.80, 0.80], record)
+    mostly = _payload([0.90, 0.70, 0.81], [0.80, 0.80, 0.80])  # higher mean (+0.33), but not in every seed
+    relaxed = [c for c in matched_comparisons(mostly) if c.relaxed]
+    assert [(c.mine.label, c.wins, c.seeds, c.every_seed) for c in relaxed] == [("budget≈stage+lora:1", 2, 3, False)]
+    assert relaxed[0].delta == pytest.approx(100 * (0.80333333 - 0.80), abs=1e-4)
+    table = sweeps_summary({"a.json": every, "b.json": mostly})
+    assert "| `a.json` | 3 | 90.00 | 2 / 16 | vs `stage`: +lora:1 +2.00 | 1 of 1 |" in table
+    assert "| `b.json` | – | – | – | vs `stage`: +lora:1 +0.33 | 0 of 1 |" in table
+    assert table.endswith("Higher in every seed in 1 of 2 size-matched comparisons across 2 sweeps.")
 
 
 def test_cli_sweep_writes_json_and_plot(baseline: Path, tmp_path: Path) -> None:
