@@ -108,15 +108,16 @@ def budget_plan(model: nn.Module, inspection: Inspection, fraction: float, polic
     searched (bisection) for the plan that, relaxed, stores the most without exceeding it.
     """
     relaxation = relaxation or Relaxation()
+    search = _KernelSearch(model, inspection, policy)
     if not relaxation.active:
-        return _kernel_budget_plan(model, inspection, fraction, policy, source)
+        return search.plan(fraction, source)
     conv = inspection.stats.conv_params
     target = fraction * conv * (1 + 1e-9)
     lo, hi, best = 0.0, fraction, None  # relaxing only adds: the kernels alone get at most `fraction`
     while (hi - lo) * conv >= 0.5:
         mid = (lo + hi) / 2
         try:
-            plan = with_relaxation(_kernel_budget_plan(model, inspection, max(mid, 1e-9), policy, source), relaxation)
+            plan = with_relaxation(search.plan(max(mid, 1e-9), source, errors=False), relaxation)
         except PlanError:  # below the floor: no plan shares that much
             lo = mid
             continue
@@ -127,65 +128,88 @@ def budget_plan(model: nn.Module, inspection: Inspection, fraction: float, polic
     if best is None:
         raise PlanError(f"budget {fraction:g} is out of reach with relaxation {relaxation.name}: even sharing every "
                         "isomorphic kernel, the per-member parameters exceed it")
-    return dataclasses.replace(best, policy=f"budget:{fraction:g}")
+    return with_errors(model, dataclasses.replace(best, policy=f"budget:{fraction:g}"))
 
 
-def _kernel_budget_plan(model: nn.Module, inspection: Inspection, fraction: float, policy: Policy,
-                        source: str | None) -> SharingPlan:
-    """The plan whose shared kernels (no relaxation) fit `fraction` of the conv parameters.
+class _KernelSearch:
+    """The plan whose shared kernels (no relaxation) fit a fraction of the conv parameters.
 
     Candidates: the greedy Ward clustering, and every positional plan (`all`, `stage`,
     `chunk:K`, `stage+chunk:K`) that fits the budget; each is refined by k-means with its
     cluster counts fixed, and the one with the least squared error wins. So the result never
-    reconstructs worse than a positional policy of the same size.
+    reconstructs worse than a positional policy of the same size. Everything but the Ward
+    clustering is the same for every budget: computed once, so a bisection over budgets
+    repeats only the clustering.
     """
-    modules = dict(model.named_modules())
-    candidates, unshared = candidate_sites(inspection, policy)
-    if len({s.weight_param for s in candidates}) != len(candidates):
-        raise PlanError("a budget plan needs every convolution to hold its own kernel, and this model already "
-                        "shares some: plan it untied (kshare.untie) or use a positional policy")
-    share_bias = policy.share_bias
-    sites: dict[tuple[object, ...], list[ConvSite]] = {}
-    for site in candidates:
-        sites.setdefault(site.signature.key(policy.match), []).append(site)
-    classes = {k: torch.stack([_vector(modules[s.name], share_bias) for s in v]) for k, v in sites.items()}
-    sizes = {k: int(x.shape[1]) for k, x in classes.items()}
-    before = inspection.stats.conv_params
-    in_classes = sum(len(x) * sizes[k] for k, x in classes.items())
 
-    def params(p: Partition) -> int:
-        return before - in_classes + sum(len(set(p[k])) * sizes[k] for k in p)
+    def __init__(self, model: nn.Module, inspection: Inspection, policy: Policy) -> None:
+        self.model, self.inspection, self.policy = model, inspection, policy
+        modules = dict(model.named_modules())
+        self.candidates, self.unshared = candidate_sites(inspection, policy)
+        if len({s.weight_param for s in self.candidates}) != len(self.candidates):
+            raise PlanError("a budget plan needs every convolution to hold its own kernel, and this model already "
+                            "shares some: plan it untied (kshare.untie) or use a positional policy")
+        self.sites: dict[tuple[object, ...], list[ConvSite]] = {}
+        for site in self.candidates:
+            self.sites.setdefault(site.signature.key(policy.match), []).append(site)
+        self.classes = {k: torch.stack([_vector(modules[s.name], policy.share_bias) for s in v])
+                        for k, v in self.sites.items()}
+        self.sizes = {k: int(x.shape[1]) for k, x in self.classes.items()}
+        self.before = inspection.stats.conv_params
+        self.in_classes = sum(len(x) * self.sizes[k] for k, x in self.classes.items())
+        self._positional: list[Partition] | None = None
+        self._refinements: dict[int, tuple[Partition, float]] = {}  # by index into the positional partitions
 
-    target = fraction * before * (1 + 1e-9)  # a fraction printed from a count must admit that count
-    options = [_ward(classes, sizes, before - target)]
-    for scope in ("all", "stage"):
-        for chunk in (None, *range(2, max(len(v) for v in sites.values()) if sites else 2)):
-            positional = build_plan(inspection, dataclasses.replace(policy, scope=scope, chunk=chunk, min_size=2))
-            options.append(_partition(positional, sites))
-    feasible = [p for p in options if params(p) <= target]
-    if not feasible:
-        smallest = min(params(p) for p in options)
-        raise PlanError(f"budget {fraction:g} is out of reach: sharing every isomorphic kernel keeps "
-                        f"{smallest / before:.3f} of the conv parameters")
-    refined = [{k: _lloyd(classes[k], p[k]) for k in p} for p in feasible]
-    best = min(refined, key=lambda p: sum(_sse(classes[k], p[k]) for k in p))
+    def params(self, p: Partition) -> int:
+        return self.before - self.in_classes + sum(len(set(p[k])) * self.sizes[k] for k in p)
 
-    groups = []
-    for key, labels in best.items():
-        for label in sorted(set(labels)):
-            members = [s for s, lab in zip(sites[key], labels, strict=True) if lab == label]
-            if len(members) > 1:
-                groups.append(sorted(members, key=lambda s: s.order))
-    groups.sort(key=lambda g: g[0].order)
-    grouped = {s.name for g in groups for s in g}
-    unshared += [Unshared(s.name, "kept on its own: the budget is met without it") for s in candidates
-                 if s.name not in grouped]
-    order = {s.name: s.order for s in inspection.sites}
-    unshared.sort(key=lambda u: order.get(u.name, len(order)))
-    plan = make_plan(inspection, groups, unshared, policy=f"budget:{fraction:g}", match=policy.match,
-                     share_bias=share_bias, source=source)
-    return with_errors(model, dataclasses.replace(plan, groups=tuple(
-        dataclasses.replace(g, init="mean") for g in plan.groups)))
+    def _refined(self, p: Partition) -> tuple[Partition, float]:
+        """Its k-means refinement, and that refinement's squared error."""
+        refined = {k: _lloyd(self.classes[k], p[k]) for k in p}
+        return refined, sum(_sse(self.classes[k], refined[k]) for k in refined)
+
+    def positional(self) -> list[Partition]:
+        if self._positional is None:
+            self._positional = [
+                _partition(build_plan(self.inspection, dataclasses.replace(self.policy, scope=scope, chunk=chunk,
+                                                                           min_size=2)), self.sites)
+                for scope in ("all", "stage")
+                for chunk in (None, *range(2, max(len(v) for v in self.sites.values()) if self.sites else 2))]
+        return self._positional
+
+    def _positional_refined(self, index: int) -> tuple[Partition, float]:
+        if index not in self._refinements:
+            self._refinements[index] = self._refined(self.positional()[index])
+        return self._refinements[index]
+
+    def plan(self, fraction: float, source: str | None, errors: bool = True) -> SharingPlan:
+        """`errors`: fill in each group's reconstruction error (a bisection needs only the sizes)."""
+        target = fraction * self.before * (1 + 1e-9)  # a fraction printed from a count must admit that count
+        ward = _ward(self.classes, self.sizes, self.before - target)
+        options = [ward, *self.positional()]
+        feasible = [i for i, p in enumerate(options) if self.params(p) <= target]
+        if not feasible:
+            smallest = min(self.params(p) for p in options)
+            raise PlanError(f"budget {fraction:g} is out of reach: sharing every isomorphic kernel keeps "
+                            f"{smallest / self.before:.3f} of the conv parameters")
+        feasible_refined = [self._refined(ward) if i == 0 else self._positional_refined(i - 1) for i in feasible]
+        best = min(feasible_refined, key=lambda r: r[1])[0]
+        groups = []
+        for key, labels in best.items():
+            for label in sorted(set(labels)):
+                members = [s for s, lab in zip(self.sites[key], labels, strict=True) if lab == label]
+                if len(members) > 1:
+                    groups.append(sorted(members, key=lambda s: s.order))
+        groups.sort(key=lambda g: g[0].order)
+        grouped = {s.name for g in groups for s in g}
+        unshared = self.unshared + [Unshared(s.name, "kept on its own: the budget is met without it")
+                                    for s in self.candidates if s.name not in grouped]
+        order = {s.name: s.order for s in self.inspection.sites}
+        unshared.sort(key=lambda u: order.get(u.name, len(order)))
+        plan = make_plan(self.inspection, groups, unshared, policy=f"budget:{fraction:g}", match=self.policy.match,
+                         share_bias=self.policy.share_bias, source=source)
+        plan = dataclasses.replace(plan, groups=tuple(dataclasses.replace(g, init="mean") for g in plan.groups))
+        return with_errors(self.model, plan) if errors else plan
 
 
 def _partition(plan: SharingPlan, sites: dict[tuple[object, ...], list[ConvSite]]) -> Partition:
