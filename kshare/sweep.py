@@ -239,9 +239,9 @@ def _baseline_line(record: dict[str, Any] | None) -> list[str]:
     if not record:
         return []
     cfg, metrics = record.get("config", {}), record.get("metrics", {})
-    images = f" ({record['train_images']:,} training images)" if "train_images" in record else ""
+    images = f" ({record['train_images']:,} training images; " if "train_images" in record else " ("
     return ["", f"The untied baseline: {record.get('epoch', '?')} epoch(s) of `kshare finetune` on "
-                f"`{record.get('data', '?')}`{images} ({cfg.get('optimizer', '?')}, lr {cfg.get('lr', 0):g}, batch "
+                f"`{record.get('data', '?')}`{images}{cfg.get('optimizer', '?')}, lr {cfg.get('lr', 0):g}, batch "
                 f"{cfg.get('batch_size', '?')}, seed {cfg.get('seed', '?')}), test accuracy "
                 f"{100 * metrics.get('test_acc', float('nan')):.2f}% when it finished."]
 
