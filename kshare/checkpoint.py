@@ -64,10 +64,10 @@ def expand_state(unique: Mapping[str, torch.Tensor], aliases: Mapping[str, str])
 def pack_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The same tensors as views into one storage per dtype.
 
-    `torch.save` writes one archive record (headers, name, alignment padding) per storage:
-    about 190 bytes each, 7% of the small DenseNet's file in docs/results.md when every tensor has its own, and a
-    relaxed model's many small per-member tensors would cost more than their values. Saving
-    holds one extra copy of the tensors while the storage is assembled."""
+    `torch.save` writes one archive record (headers, name, alignment padding) per storage,
+    about 190 bytes each: 7% of the small DenseNet's file in docs/results.md when every tensor
+    has its own, and more than a relaxed model's small per-member tensors hold. Saving holds
+    one extra copy of the tensors while the storage is assembled."""
     groups: dict[torch.dtype, list[str]] = {}
     for key, tensor in state.items():
         if tensor.layout == torch.strided and not tensor.is_quantized and tensor.numel():

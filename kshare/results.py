@@ -312,14 +312,15 @@ def results_page(header: dict[str, Any], records: list[RunRecord], study: Study,
     page += "\n## 3. Beyond the paper: budget plans, relaxations, distillation\n\n"
     if sweep_script:
         page += f"Made end to end (baseline, sweeps, this section) by `bash {sweep_script}`.\n\n"
+    payloads = {sweep: read_sweep(sweep) for sweep in sweeps}
     if len(sweeps) > 1:
         page += ("Each subsection is one `kshare sweep`; they differ in how long the baseline was trained, how "
                  "long each point is fine-tuned and whether BatchNorm statistics are re-estimated after tying. "
-                 "In brief:\n\n" + sweeps_summary({p.name: read_sweep(p) for p in sweeps}) + "\n\n")
+                 "In brief:\n\n" + sweeps_summary({p.name: d for p, d in payloads.items()}) + "\n\n")
     for number, sweep in enumerate(sweeps, 1):
         picture = sweep.with_suffix(".png")
         rel = os.path.relpath(picture, docs) if picture.is_file() else None
         if len(sweeps) > 1:
             page += f"### 3.{number}. `{sweep.name}`\n\n"
-        page += sweep_markdown(read_sweep(sweep), rel) + "\n"
+        page += sweep_markdown(payloads[sweep], rel) + "\n"
     return page

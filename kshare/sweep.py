@@ -284,11 +284,11 @@ def sweeps_summary(payloads: dict[str, dict[str, Any]]) -> str:
         acc, seed = record.get("metrics", {}).get("test_acc"), record.get("config", {}).get("seed", "–")
         for target in dict.fromkeys(c.target for c in comparisons):
             mine = [c for c in comparisons if c.target == target]
-            won, total = won + sum(c.every_seed for c in mine), total + len(mine)
+            wins = sum(c.every_seed for c in mine)
+            won, total = won + wins, total + len(mine)
             deltas = ", ".join(f"{c.mine.label.removeprefix(f'budget≈{target}')} {c.delta:+.2f}" for c in mine)
             shown = "–" if acc is None else f"{100 * acc:.2f}"
-            lines.append(f"| `{name}` | {seed} | {shown} | {share} | vs `{target}`: {deltas} | "
-                         f"{sum(c.every_seed for c in mine)} of {len(mine)} |")
+            lines.append(f"| `{name}` | {seed} | {shown} | {share} | vs `{target}`: {deltas} | {wins} of {len(mine)} |")
     return "\n".join([*lines, "", f"Higher in every seed in {won} of {total} size-matched comparisons across "
                                    f"{len(payloads)} sweeps."])
 
