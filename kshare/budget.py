@@ -7,6 +7,12 @@ squared reconstruction error per parameter saved goes first, across all sets) un
 model's conv parameters fit the budget. Each group's shared kernel is the members' mean,
 the centre that minimises that error, and the plan records each group's relative error.
 Data-free: only the weights are read.
+
+With `lora:auto` the budget is split between shared kernels and per-member low-rank deltas:
+for each way of spending it on kernels, what is left buys delta ranks greedily (the singular
+value that removes the most squared error per parameter first), and the split that leaves
+the least total error wins. One rank may go to the member that misses the most, none to one
+its group's kernel already fits.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from kshare.errors import PlanError, PolicyError
 from kshare.graph import ConvSite, Inspection
 from kshare.plan import Group, SharingPlan, Unshared, make_plan
 from kshare.policy import Policy, build_plan, candidate_sites
-from kshare.relax import Relaxation, with_relaxation
+from kshare.relax import Relaxation, fit_residual, with_relaxation
 from kshare.surgery import _initial, _medoid
 
 
@@ -111,6 +117,8 @@ def budget_plan(model: nn.Module, inspection: Inspection, fraction: float, polic
     search = _KernelSearch(model, inspection, policy)
     if not relaxation.active:
         return search.plan(fraction, source)
+    if relaxation.auto:
+        return _RankAllocation(search, relaxation).plan(fraction, source)
     conv = inspection.stats.conv_params
     target = fraction * conv * (1 + 1e-9)
     lo, hi, best = 0.0, fraction, None  # relaxing only adds: the kernels alone get at most `fraction`
@@ -210,6 +218,102 @@ class _KernelSearch:
                          share_bias=self.policy.share_bias, source=source)
         plan = dataclasses.replace(plan, groups=tuple(dataclasses.replace(g, init="mean") for g in plan.groups))
         return with_errors(self.model, plan) if errors else plan
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spectrum:
+    """What a member's delta can buy: the squared singular values of its residual, and their price."""
+
+    cost: int  # parameters per unit of rank: out + fan-in
+    gains: tuple[float, ...]  # squared error each further rank removes, largest first
+    residual: float  # squared error with no delta (bias residual included)
+
+
+class _RankAllocation:
+    """A budget plan under `lora:auto`: kernel groups and per-member delta ranks, least error."""
+
+    def __init__(self, search: _KernelSearch, relaxation: Relaxation, steps: int = 24) -> None:
+        self.search, self.relaxation, self.steps = search, relaxation, steps
+        self.modules = dict(search.model.named_modules())
+        self.norm = sum(float(_vector(self.modules[s.name], search.policy.share_bias).square().sum())
+                        for s in search.inspection.sites)  # as `total_error` normalises
+        self._spectra: dict[tuple[str, ...], list[_Spectrum]] = {}
+
+    def spectra(self, group: Group) -> list[_Spectrum]:
+        if group.members not in self._spectra:
+            convs = [self.modules[m] for m in group.members]
+            shared = torch.stack([c.weight.detach().double() for c in convs]).mean(0)
+            biases = [c.bias.detach().double() for c in convs if c.bias is not None]
+            bias_mean = torch.stack(biases).mean(0) if self.search.policy.share_bias and len(biases) == len(convs) \
+                else None
+            found = []
+            for conv in convs:
+                _, residual = fit_residual(shared, conv.weight, self.relaxation.scale)
+                bias_sse = float((conv.bias.detach().double() - bias_mean).square().sum()) \
+                    if bias_mean is not None else 0.0
+                gains = torch.linalg.svdvals(residual).square().tolist()
+                found.append(_Spectrum(sum(residual.shape), tuple(gains),
+                                       float(residual.square().sum()) + bias_sse))
+            self._spectra[group.members] = found
+        return self._spectra[group.members]
+
+    def allocate(self, plan: SharingPlan, room: float) -> tuple[SharingPlan, float]:
+        """Spend `room` parameters on ranks, most error removed per parameter first; the plan with
+        each group's ranks, and the squared error left."""
+        members = [(gi, spec) for gi, g in enumerate(plan.groups) for spec in self.spectra(g)]
+        ranks = [0] * len(members)
+        left = sum(spec.residual for _, spec in members)
+        heap = [(-spec.gains[0] / spec.cost, i) for i, (_, spec) in enumerate(members) if spec.gains]
+        heapq.heapify(heap)
+        while heap:
+            _, i = heapq.heappop(heap)
+            spec = members[i][1]
+            if spec.cost > room:
+                continue  # every further rank of this member costs the same: none fits
+            left -= spec.gains[ranks[i]]
+            ranks[i] += 1
+            room -= spec.cost
+            if ranks[i] < len(spec.gains):
+                heapq.heappush(heap, (-spec.gains[ranks[i]] / spec.cost, i))
+        per_group: list[list[int]] = [[] for _ in plan.groups]
+        for (gi, _), rank in zip(members, ranks, strict=True):
+            per_group[gi].append(rank)
+        groups = tuple(dataclasses.replace(g, ranks=tuple(r)) for g, r in zip(plan.groups, per_group, strict=True))
+        return with_relaxation(dataclasses.replace(plan, groups=groups), self.relaxation), max(left, 0.0)
+
+    def plan(self, fraction: float, source: str | None) -> SharingPlan:
+        search = self.search
+        target = fraction * search.before * (1 + 1e-9)
+        floor = min(search.params(p) for p in search.positional()) / search.before
+        best: tuple[float, SharingPlan] | None = None
+        seen: set[tuple[tuple[str, ...], ...]] = set()
+        for step in range(self.steps + 1):  # kernel budgets from the most sharing to `fraction`
+            kernels = floor + (fraction - floor) * step / self.steps
+            try:
+                plan = search.plan(max(kernels, 1e-9), source, errors=False)
+            except PlanError:
+                continue
+            key = tuple(g.members for g in plan.groups)
+            if key in seen:
+                continue
+            seen.add(key)
+            unranked = with_relaxation(plan, dataclasses.replace(self.relaxation, auto=False))  # scales only
+            room = target - unranked.totals.conv_params_after
+            if room < 0:
+                continue
+            relaxed, error = self.allocate(plan, room)
+            if best is None or error < best[0]:
+                best = (error, relaxed)
+        if best is None:
+            raise PlanError(f"budget {fraction:g} is out of reach with relaxation {self.relaxation.name}: even "
+                            "sharing every isomorphic kernel, the per-member scales exceed it")
+        error, plan = best
+        given = sum(1 for g in plan.groups for r in g.ranks if r)
+        note = (f"{self.relaxation.name}: {given} of {sum(len(g.members) for g in plan.groups)} members get a "
+                f"delta (ranks {max((r for g in plan.groups for r in g.ranks), default=0)} at most); relative "
+                f"reconstruction error after the deltas {error / max(self.norm, 1e-30):.4f}")
+        plan = dataclasses.replace(plan, policy=f"budget:{fraction:g}", notes=(*plan.notes, note))
+        return with_errors(search.model, plan)
 
 
 def _partition(plan: SharingPlan, sites: dict[tuple[object, ...], list[ConvSite]]) -> Partition:

@@ -33,10 +33,13 @@ class Group:
     bytes_saved: int
     init: str = "first"
     error: float | None = None  # relative squared error of sharing the init kernel (budget plans)
+    ranks: tuple[int, ...] = ()  # each member's LoRA rank, when a budget plan chose them (lora:auto)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["signature"] = self.signature.to_dict()
+        if not self.ranks:
+            del data["ranks"]  # plans without per-member ranks keep their old form
         return data
 
     @classmethod
@@ -50,6 +53,7 @@ class Group:
             bytes_saved=int(data.get("bytes_saved", 0)),
             init=str(data.get("init", "first")),
             error=float(data["error"]) if data.get("error") is not None else None,
+            ranks=tuple(int(r) for r in data.get("ranks", ())),
         )
 
 

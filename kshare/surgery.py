@@ -104,12 +104,13 @@ def tie(
         if group.init not in INITS:
             raise PlanError(f"plan group {group.name} has unknown init {group.init!r}")
     relaxation = Relaxation.parse(relax if relax is not None else plan.relax)
+    ranks = {g.name: relaxation.member_ranks(g) for g in groups}  # before any change: it may refuse the plan
     modules = dict(model.named_modules())
     for group in groups:
         originals = [modules[m].weight.detach().clone() for m in group.members] if relaxation.active else []
         _tie_group(modules, group, group.init, plan.share_bias)
-        for name, original in zip(group.members, originals, strict=False):  # empty unless relaxed
-            relax_member(modules[name], relaxation, original)
+        for name, original, rank in zip(group.members, originals, ranks[group.name], strict=False):
+            relax_member(modules[name], relaxation.scale, rank, original)  # `originals` is empty unless relaxed
     # a ready plan may count another relaxation (or none): count the one applied
     plan = with_relaxation(dataclasses.replace(plan, groups=groups), relaxation)
     object.__setattr__(model, _PLAN_ATTR, plan)

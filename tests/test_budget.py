@@ -147,3 +147,66 @@ def test_cli_budget(tmp_path: Path) -> None:
     assert plan.totals.conv_params_after <= 0.4 * plan.totals.conv_params_before
     bad = runner.invoke(app, ["analyze", "kshare:convmixer_32_4", "-g", "budget:0.01"])
     assert bad.exit_code == 2 and "out of reach" in bad.output
+
+
+def _grouped_error(model: nn.Module, reference: nn.Module, plan: SharingPlan) -> float:
+    """Squared distance of every grouped member's effective kernel and bias from its own before tying."""
+    tied, ref = dict(model.named_modules()), dict(reference.named_modules())
+    with torch.no_grad():
+        return sum(float((tied[m].weight.double() - ref[m].weight.double()).square().sum()
+                         + (tied[m].bias.double() - ref[m].bias.double()).square().sum())
+                   for g in plan.groups for m in g.members)
+
+
+def test_auto_ranks_spend_the_budget_and_reconstruct_as_reported(trained: nn.Module) -> None:
+    import copy
+    import re
+
+    reference = copy.deepcopy(trained).eval()
+    model = kshare.tie(copy.deepcopy(trained).eval(), "budget:0.5", relax="lora:auto", input_size=(1, 8, 8))
+    plan = kshare.plan_of(model)
+    assert plan.relax == "lora:auto" and plan.totals.conv_params_after <= 0.5 * plan.totals.conv_params_before
+    assert all(len(g.ranks) == len(g.members) for g in plan.groups) and any(r for g in plan.groups for r in g.ranks)
+    assert plan.totals.params_after == sum({id(p): p.numel() for p in model.parameters()}.values())
+    per_rank = 16 + 16 * 9  # out + fan-in of a 16→16 3x3 kernel
+    assert plan.relax_params == per_rank * sum(r for g in plan.groups for r in g.ranks)
+    assert plan.totals.conv_params_before * 0.5 - plan.totals.conv_params_after < per_rank  # nothing left to spend
+    modules = dict(model.named_modules())
+    for g in plan.groups:  # a member given no rank is plainly tied, not wrapped
+        for name, rank in zip(g.members, g.ranks, strict=True):
+            assert hasattr(modules[name], "parametrizations") == (rank > 0)
+    norm = sum(float(m.weight.detach().double().square().sum() + m.bias.detach().double().square().sum())
+               for m in reference.modules() if isinstance(m, nn.Conv2d))  # every conv, as the note
+    reported = float(re.search(r"after the deltas ([0-9.]+)", plan.notes[-1]).group(1))
+    measured = _grouped_error(model, reference, plan)
+    assert measured / norm == pytest.approx(reported, abs=1e-4)
+    plain = kshare.tie(copy.deepcopy(trained).eval(), "budget:0.5", input_size=(1, 8, 8))
+    assert measured < _grouped_error(plain, reference, kshare.plan_of(plain))  # the deltas removed error
+
+
+def test_auto_ranks_round_trip_and_need_a_budget(trained: nn.Module, tmp_path: Path) -> None:
+    import copy
+
+    model = kshare.tie(copy.deepcopy(trained).eval(), "budget:0.4", relax="lora:auto", input_size=(1, 8, 8))
+    plan = kshare.plan_of(model)
+    assert SharingPlan.from_json(plan.to_json()) == plan
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    kshare.save(model, tmp_path / "auto.pt")
+    loaded = kshare.load(tmp_path / "auto.pt", model=TwoResolutions()).eval()
+    assert kshare.plan_of(loaded) == plan
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+        folded = kshare.fold(loaded)
+        assert not any(hasattr(m, "parametrizations") for m in folded.modules())
+        torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(PlanError, match="budget"):
+        kshare.tie(copy.deepcopy(trained), "stage", relax="lora:auto", input_size=(1, 8, 8))
+    with pytest.raises(PlanError, match="budget"):  # a plan whose ranks were not chosen for it
+        kshare.tie(copy.deepcopy(trained), kshare.plan(trained, "budget:0.5", input_size=(1, 8, 8)),
+                   relax="lora:auto")
+    refit = kshare.tie(copy.deepcopy(trained), plan, relax="lora:1")  # another relaxation drops the ranks
+    assert all(not g.ranks for g in kshare.plan_of(refit).groups)
+    bad = CliRunner().invoke(app, ["analyze", "kshare:convmixer_32_4", "-g", "stage", "--relax", "lora:auto"])
+    assert bad.exit_code == 2 and "budget" in bad.output

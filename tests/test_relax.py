@@ -35,7 +35,9 @@ def members(model: nn.Module) -> list[list[nn.Module]]:
 def test_parse() -> None:
     assert Relaxation.parse("scale+lora:8") == Relaxation(True, 8)
     assert Relaxation.parse(None).name == "none" and Relaxation.parse("lora:2").name == "lora:2"
-    for bad in ("lora:0", "lora:x", "scale+scale", "shift"):
+    assert Relaxation.parse("scale+lora:auto") == Relaxation(True, 0, True)
+    assert Relaxation.parse("lora:auto").name == "lora:auto"
+    for bad in ("lora:0", "lora:x", "scale+scale", "shift", "lora:auto+lora:2", "lora:2+lora:auto"):
         with pytest.raises(PlanError):
             Relaxation.parse(bad)
 
