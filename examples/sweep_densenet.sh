@@ -18,7 +18,7 @@ parts=${PARTS:-short trained}
 mkdir -p "$work"
 model=(torchvision.models.densenet:DenseNet -k growth_rate=12 -k "block_config=(4,4,4)"
        -k num_init_features=24 -k num_classes=10)
-grid=(--data fashion-mnist --policies all,stage --relax none,scale,lora:1,lora:4 --match stage,all
+grid=(--data fashion-mnist --policies all,stage --relax none,scale,lora:1,lora:4,lora:auto --match stage,all
       --size-tolerance 0.005 --loss ce,kd --seeds 0,1,2 --lr 1e-3 --limit-train 6000)
 kshare apply "${model[@]}" -g none --out "$work/densenet_small.pt"
 

@@ -3,9 +3,10 @@
 A grid of positional policies, budgets and relaxations is applied to copies of one trained
 (untied) model; each is evaluated right after tying and, optionally, after a short
 fine-tune (cross-entropy, distillation from the untied original, or both). `match:POLICY`
-points search the budget that, with a given relaxation, stores no more parameters than
-`POLICY` does, so relaxed and plain sharing are compared at the same size. The rows go to a
-JSON file and a Pareto plot (test accuracy vs stored bytes).
+points search the budget that, with a given relaxation, stores no more parameters and writes
+no larger a checkpoint than `POLICY` does, so relaxed and plain sharing are compared at the
+same size (a relaxation's tensors each cost a name in the file, not only their elements).
+The rows go to a JSON file and a Pareto plot (test accuracy vs stored bytes).
 """
 
 from __future__ import annotations
@@ -111,15 +112,28 @@ def aggregate(rows: list[SweepRow]) -> list[SweepRow]:
 
 
 def matched_budget(model: nn.Module, inspection: Inspection, target: int, relaxation: Relaxation,
-                   policy: Policy) -> SharingPlan | None:
+                   policy: Policy, max_bytes: int | None = None) -> SharingPlan | None:
     """The budget plan that, with `relaxation` counted, stores the most parameters not above `target`
-    (a whole-model count, such as another plan's `params_after`); None when none fits."""
+    (a whole-model count, such as another plan's `params_after`) and, given `max_bytes`, whose
+    checkpoint is no larger; None when none fits."""
     stats = inspection.stats
-    fraction = (target - (stats.params - stats.conv_params)) / stats.conv_params
-    try:
-        return budget_plan(model, inspection, fraction, policy, relaxation=relaxation)
-    except PlanError:  # out of reach: even the most sharing stores more
-        return None
+    while True:
+        fraction = (target - (stats.params - stats.conv_params)) / stats.conv_params
+        try:
+            plan = budget_plan(model, inspection, fraction, policy, relaxation=relaxation)
+        except PlanError:  # out of reach: even the most sharing stores more
+            return None
+        over = 0 if max_bytes is None else stored_size(model, plan) - max_bytes
+        if over <= 0:
+            return plan
+        itemsize = plan.groups[0].signature.itemsize if plan.groups else 4
+        target = min(target, plan.totals.params_after) - math.ceil(over / itemsize)  # strictly less each time
+
+
+def stored_size(model: nn.Module, plan: SharingPlan) -> int:
+    """Bytes of the checkpoint `kshare.save` writes for a copy of `model` tied by `plan`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return save(tie(copy.deepcopy(model), plan), Path(tmp) / "m.pt").stat().st_size
 
 
 def _points(model: nn.Module, config: SweepConfig, size: tuple[int, ...]) -> list[tuple[str, SharingPlan | None,
@@ -133,6 +147,8 @@ def _points(model: nn.Module, config: SweepConfig, size: tuple[int, ...]) -> lis
         plans[name] = analyze(model, name, input_size=size).plan
     for name in config.policies:
         for relax in config.relaxations:
+            if Relaxation.parse(relax).auto:
+                continue  # its ranks spend a budget; a positional plan has none to spend
             points.append((name if relax == "none" else f"{name}+{relax}", plans[name], relax, ""))
     for fraction in config.budgets:
         for relax in config.relaxations:  # the relaxation's parameters count against the budget too
@@ -144,10 +160,11 @@ def _points(model: nn.Module, config: SweepConfig, size: tuple[int, ...]) -> lis
                 points.append((label, None, relax, str(exc)))
     for name in config.match:
         target = int(plans[name].totals.params_after * (1 + config.size_tolerance))
+        max_bytes = int(stored_size(model, plans[name]) * (1 + config.size_tolerance))
         for relax in config.relaxations:
-            plan = matched_budget(model, inspection, target, Relaxation.parse(relax), policy)
+            plan = matched_budget(model, inspection, target, Relaxation.parse(relax), policy, max_bytes)
             label = f"budget≈{name}" + ("" if relax == "none" else f"+{relax}")
-            note = "" if plan else f"no budget plan with {relax} fits in {target:,} parameters"
+            note = "" if plan else f"no budget plan with {relax} fits in {target:,} parameters and {max_bytes:,} bytes"
             points.append((label, plan, relax, note))
     return points
 

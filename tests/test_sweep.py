@@ -24,6 +24,7 @@ from kshare.sweep import (
     matched_comparisons,
     pareto,
     read_sweep,
+    stored_size,
     sweep_markdown,
     sweeps_summary,
 )
@@ -100,7 +101,7 @@ def test_cli_sweep_writes_json_and_plot(baseline: Path, tmp_path: Path) -> None:
     out = tmp_path / "s.json"
     result = CliRunner().invoke(app, [
         "sweep", str(baseline), "--data", "digits", "--policies", "all,chunk:2", "--budgets", "0.6",
-        "--relax", "none,scale", "--match", "chunk:2", "--epochs", "1", "--loss", "ce,kd", "--lr", "1e-3",
+        "--relax", "none,scale,lora:auto", "--match", "chunk:2", "--epochs", "1", "--loss", "ce,kd", "--lr", "1e-3",
         "--seeds", "0,1", "--limit-train", "256", "--out", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
@@ -108,7 +109,8 @@ def test_cli_sweep_writes_json_and_plot(baseline: Path, tmp_path: Path) -> None:
     runs = {(r["label"], r["loss"], r["seed"]): r for r in data["rows"]}
     labels = {label for label, _, _ in runs}
     assert labels == {"untied", "all", "all+scale", "chunk:2", "chunk:2+scale", "budget:0.6", "budget:0.6+scale",
-                      "budget≈chunk:2", "budget≈chunk:2+scale"}
+                      "budget:0.6+lora:auto", "budget≈chunk:2", "budget≈chunk:2+scale", "budget≈chunk:2+lora:auto"}
+    assert runs[("budget≈chunk:2+lora:auto", "kd", 0)]["params"] <= runs[("chunk:2", "kd", 0)]["params"]
     for (label, loss, seed), r in runs.items():
         if label != "untied":
             assert loss in ("ce", "kd") and seed in (0, 1) and len(r["history"]) == 1 and 0 <= r["acc"] <= 1
@@ -129,8 +131,11 @@ def test_cli_sweep_writes_json_and_plot(baseline: Path, tmp_path: Path) -> None:
     assert f"| budget≈chunk:2+scale vs chunk:2 | kd | {matched.params:,} vs {plain.params:,} " in page
     assert f"{100 * matched.acc:.2f} ± {100 * matched.acc_sd:.2f} vs {100 * plain.acc:.2f}" in page
     assert f"| {wins} of 2 |" in page and "![sweep](img/s.png)" in page
-    delta = f"{100 * (matched.acc - plain.acc):+.2f}"  # one relaxed comparison with KD: the verdict says it
-    assert (f"higher in every seed in {int(wins == 2)} of 1 comparisons (Δ of the means from {delta} to {delta} "
+    relaxed = [rows[(f"budget≈chunk:2+{r}", "kd")] for r in ("scale", "lora:auto")]  # the verdict counts both
+    every = sum(all(runs[(r.label, "kd", s)]["acc"] > runs[("chunk:2", "kd", s)]["acc"] for s in (0, 1))
+                for r in relaxed)
+    low, high = sorted(100 * (r.acc - plain.acc) for r in relaxed)
+    assert (f"higher in every seed in {every} of 2 comparisons (Δ of the means from {low:+.2f} to {high:+.2f} "
             "points)") in page
     assert "Model: `kshare:convmixer_32_4" in page or "convmixer_32_4" in page
 
@@ -144,6 +149,19 @@ def test_size_tolerance_admits_a_slightly_larger_plan(baseline: Path) -> None:
     loose = matched_budget(model, analysis.inspection, int(target * 1.3), scale, Policy())
     assert strict is not None and loose is not None
     assert stored(strict, "scale") <= target < stored(loose, "scale") <= target * 1.3
+
+
+def test_matched_budget_fits_the_file_size_too(baseline: Path) -> None:
+    model = kshare.load(baseline)
+    analysis = analyze(model, "chunk:2", input_size=(1, 8, 8))
+    target, limit = analysis.plan.totals.params_after, stored_size(model, analysis.plan)
+    lora = Relaxation.parse("lora:1")
+    by_params = matched_budget(model, analysis.inspection, target, lora, Policy())
+    assert by_params is not None and stored_size(model, by_params) > limit  # each delta tensor costs a name too
+    by_bytes = matched_budget(model, analysis.inspection, target, lora, Policy(), max_bytes=limit)
+    assert by_bytes is not None and stored_size(model, by_bytes) <= limit
+    assert by_bytes.totals.params_after < by_params.totals.params_after
+    assert matched_budget(model, analysis.inspection, target, lora, Policy(), max_bytes=1000) is None
 
 
 def test_cli_sweep_refuses_a_tied_checkpoint(tmp_path: Path) -> None:
