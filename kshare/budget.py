@@ -308,10 +308,11 @@ class _RankAllocation:
             raise PlanError(f"budget {fraction:g} is out of reach with relaxation {self.relaxation.name}: even "
                             "sharing every isomorphic kernel, the per-member scales exceed it")
         error, plan = best
-        given = sum(1 for g in plan.groups for r in g.ranks if r)
-        note = (f"{self.relaxation.name}: {given} of {sum(len(g.members) for g in plan.groups)} members get a "
-                f"delta (ranks {max((r for g in plan.groups for r in g.ranks), default=0)} at most); relative "
-                f"reconstruction error after the deltas {error / max(self.norm, 1e-30):.4f}")
+        given = [r for g in plan.groups for r in g.ranks if r]
+        spent = (f"{len(given)} of {sum(len(g.members) for g in plan.groups)} members get a delta of rank "
+                 f"{min(given)} to {max(given)}" if given else "no member gets a delta (kernels remove more error)")
+        note = (f"{self.relaxation.name}: {spent}; relative reconstruction error after the deltas "
+                f"{error / max(self.norm, 1e-30):.4f}")
         plan = dataclasses.replace(plan, policy=f"budget:{fraction:g}", notes=(*plan.notes, note))
         return with_errors(search.model, plan)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +61,15 @@ def render_analysis(analysis: Analysis, console: Console) -> None:
             table.add_column(col, **kw)
         if errors:
             table.add_column("rel. error", justify="right")
+        ranks = any(g.ranks for g in plan.groups)
+        if ranks:
+            table.add_column("delta ranks", overflow="fold")
         for g in plan.groups:
             stages = ",".join(map(str, g.stages))
             row = [g.name, g.signature.describe(), str(len(g.members)), stages, _members(g.members),
                    count(g.params_saved)]
-            table.add_row(*row, *([f"{g.error:.3f}"] if errors and g.error is not None else []))
+            row += [f"{g.error:.3f}" if g.error is not None else ""] if errors else []
+            table.add_row(*row, *([_ranks(g.ranks)] if ranks else []))
         console.print(table)
         if errors:
             console.print("rel. error: ‖members − shared kernel‖² / ‖members‖² with the group's init (mean)")
@@ -106,6 +111,11 @@ def analysis_json(analysis: Analysis) -> str:
     return json.dumps(data, indent=2)
 
 
+def _ranks(ranks: Sequence[int]) -> str:
+    """Each member's LoRA rank under lora:auto, in member order."""
+    return ",".join(map(str, ranks))
+
+
 def _groups_table(groups: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title, title_justify="left")
     errors = any(g.get("error") is not None for g in groups)
@@ -114,6 +124,9 @@ def _groups_table(groups: list[dict[str, Any]], title: str) -> Table:
         table.add_column(col, **kw)
     if errors:
         table.add_column("rel. error", justify="right")
+    ranks = any(g.get("ranks") for g in groups)
+    if ranks:
+        table.add_column("delta ranks", overflow="fold")
     from kshare.signature import Signature
 
     for g in groups:
@@ -121,6 +134,8 @@ def _groups_table(groups: list[dict[str, Any]], title: str) -> Table:
                _members(tuple(g["members"])), count(g["params_saved"])]
         if errors:
             row.append(f"{g['error']:.3f}" if g.get("error") is not None else "")
+        if ranks:
+            row.append(_ranks(g.get("ranks", ())))
         table.add_row(*row)
     return table
 

@@ -196,11 +196,17 @@ def test_auto_ranks_round_trip_and_need_a_budget(trained: nn.Module, tmp_path: P
     kshare.save(model, tmp_path / "auto.pt")
     loaded = kshare.load(tmp_path / "auto.pt", model=TwoResolutions()).eval()
     assert kshare.plan_of(loaded) == plan
+    kshare.export_safetensors(model, tmp_path / "auto.safetensors")
+    exported = kshare.load(tmp_path / "auto.safetensors", model=TwoResolutions()).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(exported(x), expected, rtol=0, atol=0)
         folded = kshare.fold(loaded)
         assert not any(hasattr(m, "parametrizations") for m in folded.modules())
         torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-6)
+    info = CliRunner().invoke(app, ["info", str(tmp_path / "auto.pt")], env={"COLUMNS": "200"})
+    assert info.exit_code == 0 and "delta ranks" in info.output, info.output
+    assert all(",".join(map(str, g.ranks)) in info.output for g in plan.groups)
     with pytest.raises(PlanError, match="budget"):
         kshare.tie(copy.deepcopy(trained), "stage", relax="lora:auto", input_size=(1, 8, 8))
     with pytest.raises(PlanError, match="budget"):  # a plan whose ranks were not chosen for it
