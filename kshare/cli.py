@@ -297,7 +297,8 @@ def sweep(
     kwarg: KwargOpt = None,
     policies: Annotated[str, typer.Option(help="Positional policies, comma-separated.")] = "all,stage",
     budgets: Annotated[str, typer.Option(help="Budget fractions, comma-separated (e.g. 0.3,0.5).")] = "",
-    relax: Annotated[str, typer.Option(help="Relaxations, comma-separated (none,scale,lora:2,lora:auto,...).")] = "none",
+    relax: Annotated[str, typer.Option(help="Relaxations, comma-separated (none,scale,lora:2,lora:auto,...).")
+                     ] = "none",
     match: Annotated[str, typer.Option(help="Also fit a budget plan per relaxation to these policies' sizes.")
                      ] = "",
     init: Annotated[str, typer.Option(help="Shared-kernel init for every point.")] = "mean",

@@ -165,6 +165,8 @@ def _points(model: nn.Module, config: SweepConfig, size: tuple[int, ...]) -> lis
             plan = matched_budget(model, inspection, target, Relaxation.parse(relax), policy, max_bytes)
             label = f"budget≈{name}" + ("" if relax == "none" else f"+{relax}")
             note = "" if plan else f"no budget plan with {relax} fits in {target:,} parameters and {max_bytes:,} bytes"
+            if plan and relax != "none" and not plan.relax_params:  # lora:auto gave no member a delta
+                plan, note = None, f"{relax} leaves no room for a delta at this size: the plan is budget≈{name}'s"
             points.append((label, plan, relax, note))
     return points
 
@@ -234,7 +236,9 @@ def write_sweep(path: str | Path, model: nn.Module, data: ImageData, config: Swe
     spec = spec_of(model)
     payload = {"format": SWEEP_FORMAT, "command": "kshare " + shlex.join(sys.argv[1:]),
                "model": spec.to_dict() if spec else None, "baseline": baseline, "data": data.name,
-               "train_images": len(data.labels), "config": asdict(config), "rows": [asdict(r) for r in rows]}
+               "train_images": len(data.labels), "config": asdict(config),
+               "matched_bytes": True,  # `match` points fit the policy's file size too (older sweeps: parameters)
+               "rows": [asdict(r) for r in rows]}
     Path(path).write_text(json.dumps(payload, indent=1, default=str))
 
 
@@ -384,7 +388,9 @@ def sweep_markdown(payload: dict[str, Any], image: str | None = None) -> str:
                      f"{100 * r.acc_tied:.2f} | {_percent(r)} |")
     comparisons = matched_comparisons(payload)
     compare = [f"| {c.mine.label} vs {c.target} | {c.loss} | {c.mine.params:,} vs {c.plain.params:,} "
-               f"({c.mine.params / c.plain.params - 1:+.2%}) | {_percent(c.mine)} vs {_percent(c.plain)} | "
+               f"({c.mine.params / c.plain.params - 1:+.2%}) | {c.mine.stored_bytes / 1024:,.1f} vs "
+               f"{c.plain.stored_bytes / 1024:,.1f} KiB ({c.mine.stored_bytes / c.plain.stored_bytes - 1:+.2%}) | "
+               f"{_percent(c.mine)} vs {_percent(c.plain)} | "
                f"{c.delta:+.2f} ({'higher' if c.delta > 0 else 'not higher'}) | {c.wins} of {c.seeds} |"
                for c in comparisons]
     relaxed_kd = [(c.every_seed, c.delta) for c in comparisons if c.relaxed and c.loss == "kd"]
@@ -392,10 +398,11 @@ def sweep_markdown(payload: dict[str, Any], image: str | None = None) -> str:
                if not any(r.label.startswith(f"budget≈{t}+") and r.stored_bytes for r in rows)]
     if compare:
         allowance = f"at most {tolerance:.1%} more" if tolerance else "no more"
+        bytes_too = " and bytes" if payload.get("matched_bytes") else ""
         lines += ["", f"Same size, same fine-tune budget: a budget plan (with a relaxation, or none) fitted to "
-                  f"store {allowance} parameters than the plain policy, fine-tuned with the same seeds:", "",
-                  "| comparison | loss | stored params | test acc % | Δ points (means) | seeds where higher |",
-                  "| --- | --- | --- | --- | --- | --- |", *compare]
+                  f"store {allowance} parameters{bytes_too} than the plain policy, fine-tuned with the same seeds:", "",
+                  "| comparison | loss | stored params | file | test acc % | Δ points (means) | seeds where higher |",
+                  "| --- | --- | --- | --- | --- | --- | --- |", *compare]
     if relaxed_kd:
         deltas = [d for _, d in relaxed_kd]
         lines += ["", f"Budget plan + relaxation + distillation against the plain policy at its size: higher in "

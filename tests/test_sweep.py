@@ -164,6 +164,17 @@ def test_matched_budget_fits_the_file_size_too(baseline: Path) -> None:
     assert matched_budget(model, analysis.inspection, target, lora, Policy(), max_bytes=1000) is None
 
 
+def test_auto_ranks_with_no_room_are_not_a_relaxed_point(baseline: Path) -> None:
+    from kshare.sweep import SweepConfig, _points
+
+    model = kshare.load(baseline)
+    config = SweepConfig(policies=("all",), relaxations=("none", "lora:auto"), match=("all",), size_tolerance=0.01)
+    points = {label: (plan, note) for label, plan, _, note in _points(model, config, (1, 8, 8))}
+    assert "all+lora:auto" not in points  # a positional plan has no budget to spend on ranks
+    plan, note = points["budget≈all+lora:auto"]  # `all` shares the most there is: nothing left for a delta
+    assert plan is None and "no room for a delta" in note and points["budget≈all"][0] is not None
+
+
 def test_cli_sweep_refuses_a_tied_checkpoint(tmp_path: Path) -> None:
     tied = tmp_path / "t.pt"
     kshare.save(kshare.tie(kshare.load_model("kshare:convmixer_32_4")[0], "all"), tied)
