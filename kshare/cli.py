@@ -133,10 +133,12 @@ def _analyze(model: str, groups: str, match: str, include: list[str] | None, exc
     _choice(trace, METHODS, "--trace")
     with Console(stderr=True).status(f"building {model}…"):
         net, spec = load_model(model, parse_kwargs(kwarg), weights)
-    result = analyze_model(
-        net, groups, match=match, include=include or (), exclude=exclude or (), min_size=min_size,
-        share_bias=share_bias, input_size=input_size, method=trace, spec=spec, relax=relax,
-    )
+    # a budget plan clusters every kernel, many times over with a relaxation: up to a minute on resnet50
+    with Console(stderr=True).status(f"planning {groups}" + ("" if relax == "none" else f" with {relax}") + "…"):
+        result = analyze_model(
+            net, groups, match=match, include=include or (), exclude=exclude or (), min_size=min_size,
+            share_bias=share_bias, input_size=input_size, method=trace, spec=spec, relax=relax,
+        )
     return net, result
 
 
