@@ -47,3 +47,18 @@ def test_retrofit_rows_that_are_the_same_model_say_so() -> None:
         figures.setdefault((r[0], r[1], r[3], tuple(r[6:8])), []).append(r[2])
     assert all(len(inits) == 1 or any("same model" in i for i in inits[1:]) for inits in figures.values())
 
+
+
+def test_readme_claim_lora_auto_beats_stage_at_its_size_on_both_trained_baselines() -> None:
+    """The README's issue-6 claim, checked against the published sweeps it cites."""
+    from kshare.sweep import matched_comparisons, read_sweep
+
+    for name in ("sweep_densenet_trained.json", "sweep_densenet_trained_seed1.json"):
+        payload = read_sweep(ROOT / "docs" / "results" / name)
+        tolerance = payload["config"]["size_tolerance"]
+        assert payload.get("matched_bytes") and tolerance <= 0.005, name
+        (auto,) = [c for c in matched_comparisons(payload)
+                   if c.target == "stage" and c.loss == "kd" and c.mine.label == "budget≈stage+lora:auto"]
+        assert auto.mine.params <= auto.plain.params * (1 + tolerance), name
+        assert auto.mine.stored_bytes <= auto.plain.stored_bytes * (1 + tolerance), name
+        assert auto.seeds == 3 and auto.every_seed and auto.delta > 0, name
