@@ -11,8 +11,8 @@ Data-free: only the weights are read.
 With `lora:auto` the budget is split between shared kernels and per-member low-rank deltas:
 for each way of spending it on kernels, what is left buys delta ranks greedily (the singular
 value that removes the most squared error per parameter first), and the split that leaves
-the least total error wins. One rank may go to the member that misses the most, none to one
-its group's kernel already fits.
+the least total error wins. Members whose residuals hold more error get higher ranks; one
+its group's kernel fits closely may get none.
 """
 
 from __future__ import annotations
@@ -305,6 +305,7 @@ class _RankAllocation:
             if best is None or error < best[0]:
                 best = (error, relaxed)
         if best is None:
+            search.plan(fraction, source, errors=False)  # raises, saying how far, if the kernels alone cannot fit
             raise PlanError(f"budget {fraction:g} is out of reach with relaxation {self.relaxation.name}: even "
                             "sharing every isomorphic kernel, the per-member scales exceed it")
         error, plan = best

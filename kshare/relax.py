@@ -76,7 +76,7 @@ class Relaxation:
 
     def rank_for(self, weight_shape: Sequence[int]) -> int:
         """The rank a member of this shape gets: no more than its kernel matrix has."""
-        return min(self.rank, max_rank(weight_shape))
+        return min(self.rank, weight_shape[0], _fan_in(weight_shape))
 
     def params_per_member(self, weight_shape: Sequence[int], rank: int | None = None) -> int:
         """Parameters one member adds; `rank` overrides the relaxation's (a `lora:auto` member's own)."""
@@ -92,11 +92,6 @@ class Relaxation:
             raise PlanError(f"{self.name} takes its ranks from a budget plan (policy budget:F), and plan group "
                             f"{group.name} records none: plan with a budget, or name a rank (lora:R)")
         return group.ranks
-
-
-def max_rank(weight_shape: Sequence[int]) -> int:
-    """The most a LoRA delta can use: the rank of the kernel as an out × fan-in matrix."""
-    return min(weight_shape[0], _fan_in(weight_shape))
 
 
 def with_relaxation(plan: SharingPlan, relaxation: Relaxation) -> SharingPlan:

@@ -129,6 +129,13 @@ def test_bad_budgets() -> None:
         kshare.plan(model, "budget:x", input_size=(1, 8, 8))
     with pytest.raises(PlanError, match="out of reach"):
         kshare.plan(model, "budget:0.05", input_size=(1, 8, 8))
+    with pytest.raises(PlanError, match="sharing every isomorphic kernel keeps"):
+        kshare.plan(model, "budget:0.05", input_size=(1, 8, 8), relax="lora:auto")
+    floor = kshare.plan(model, "all", input_size=(1, 8, 8)).totals
+    at_floor = f"budget:{floor.conv_params_after / floor.conv_params_before}"  # the kernels fit; no room for scales
+    assert not kshare.plan(model, at_floor, input_size=(1, 8, 8), relax="lora:auto").relax_params
+    with pytest.raises(PlanError, match="per-member scales exceed"):
+        kshare.plan(model, at_floor, input_size=(1, 8, 8), relax="scale+lora:auto")
     shared, _ = kshare.load_model("kshare:convmixer_32_4_shared")
     with pytest.raises(PlanError, match="already"):
         kshare.plan(shared, "budget:0.5")
