@@ -54,22 +54,30 @@ def _vector(module: nn.Module, share_bias: bool) -> torch.Tensor:
 Partition = dict[tuple[object, ...], list[int]]  # signature key → a cluster label per site of that class
 
 
-def _ward(classes: dict[tuple[object, ...], torch.Tensor], sizes: dict[tuple[object, ...], int], excess: float
-          ) -> Partition:
-    """Agglomerate greedily (least added squared error per parameter saved, across classes)
-    until `excess` parameters are saved or nothing is left to merge."""
-    labels = {key: list(range(len(x))) for key, x in classes.items()}
-    members = {(key, i): [i] for key, x in classes.items() for i in range(len(x))}
-    totals = {(key, i): x[i].clone() for key, x in classes.items() for i in range(len(x))}
+def _merge_cost(total_a: torch.Tensor, n_a: int, total_b: torch.Tensor, n_b: int, size: int) -> float:
+    """Ward's criterion: the squared error merging two clusters adds, per parameter it saves."""
+    diff = total_a / n_a - total_b / n_b
+    return n_a * n_b / (n_a + n_b) * float(diff.square().sum()) / size
 
-    def cost(a: tuple[object, ...], b: tuple[object, ...]) -> float:
-        na, nb = len(members[a]), len(members[b])
-        diff = totals[a] / na - totals[b] / nb
-        return na * nb / (na + nb) * float(diff.square().sum()) / sizes[a[0]]  # type: ignore[index]
 
-    heap = [(cost((k, i), (k, j)), (k, i), (k, j)) for k, x in classes.items()
+def _pair_heap(classes: dict[tuple[object, ...], torch.Tensor], sizes: dict[tuple[object, ...], int]
+               ) -> list[tuple[float, tuple[object, ...], tuple[object, ...]]]:
+    """Every first merge, cheapest on top: the same for every budget, so a search computes it once."""
+    heap = [(_merge_cost(x[i], 1, x[j], 1, sizes[k]), (k, i), (k, j)) for k, x in classes.items()
             for i in range(len(x)) for j in range(i + 1, len(x))]
     heapq.heapify(heap)
+    return heap
+
+
+def _ward(classes: dict[tuple[object, ...], torch.Tensor], sizes: dict[tuple[object, ...], int], excess: float,
+          first: list[tuple[float, tuple[object, ...], tuple[object, ...]]] | None = None) -> Partition:
+    """Agglomerate greedily (least added squared error per parameter saved, across classes)
+    until `excess` parameters are saved or nothing is left to merge. `first`: `_pair_heap`'s
+    result, when the caller keeps it."""
+    labels = {key: list(range(len(x))) for key, x in classes.items()}
+    members = {(key, i): [i] for key, x in classes.items() for i in range(len(x))}
+    totals = {(key, i): x[i] for key, x in classes.items() for i in range(len(x))}  # never written in place
+    heap = list(first) if first is not None else _pair_heap(classes, sizes)
     fresh = {k: len(x) for k, x in classes.items()}
     while excess > 0 and heap:
         _, a, b = heapq.heappop(heap)
@@ -81,7 +89,8 @@ def _ward(classes: dict[tuple[object, ...], torch.Tensor], sizes: dict[tuple[obj
         members[new], totals[new] = members.pop(a) + members.pop(b), totals.pop(a) + totals.pop(b)
         excess -= sizes[key]
         for other in [c for c in members if c[0] == key and c != new]:
-            heapq.heappush(heap, (cost(new, other), new, other))
+            cost = _merge_cost(totals[new], len(members[new]), totals[other], len(members[other]), sizes[key])
+            heapq.heappush(heap, (cost, new, other))
     for (key, _), idx in members.items():
         for i in idx:
             labels[key][i] = idx[0]
@@ -93,7 +102,7 @@ def _lloyd(x: torch.Tensor, labels: list[int], rounds: int = 50) -> list[int]:
     ids = sorted(set(labels))
     current = torch.tensor([ids.index(label) for label in labels])
     for _ in range(rounds):
-        centres = torch.stack([x[current == c].mean(0) for c in range(len(ids))])
+        centres = torch.stack([_members(x, current, c).mean(0) for c in range(len(ids))])
         proposed = torch.cdist(x, centres).argmin(1)
         if torch.equal(proposed, current) or len(set(proposed.tolist())) < len(ids):
             break  # converged, or a cluster would empty (its count is what the budget paid for)
@@ -101,9 +110,22 @@ def _lloyd(x: torch.Tensor, labels: list[int], rounds: int = 50) -> list[int]:
     return current.tolist()
 
 
+def _members(x: torch.Tensor, labels: torch.Tensor, cluster: int) -> torch.Tensor:
+    """The rows of one cluster; a lone member is sliced, not masked (most clusters of a plan are
+    lone kernels, and masking copies a pass over every row)."""
+    index = (labels == cluster).nonzero().flatten()
+    return x[int(index[0])].unsqueeze(0) if len(index) == 1 else x[index]
+
+
 def _sse(x: torch.Tensor, labels: list[int]) -> float:
     lab = torch.tensor(labels)
-    return float(sum((x[lab == c] - x[lab == c].mean(0)).square().sum() for c in set(labels)))
+    sizes = torch.bincount(lab - lab.min())
+    total = 0.0
+    for c in set(labels):
+        if sizes[c - lab.min()] > 1:  # a lone member is its own centre: no error
+            members = _members(x, lab, c)
+            total += float((members - members.mean(0)).square().sum())
+    return total
 
 
 def budget_plan(model: nn.Module, inspection: Inspection, fraction: float, policy: Policy,
@@ -165,6 +187,7 @@ class _KernelSearch:
         self.sizes = {k: int(x.shape[1]) for k, x in self.classes.items()}
         self.before = inspection.stats.conv_params
         self.in_classes = sum(len(x) * self.sizes[k] for k, x in self.classes.items())
+        self._first_merges = _pair_heap(self.classes, self.sizes)
         self._positional: list[Partition] | None = None
         self._refinements: dict[int, tuple[Partition, float]] = {}  # by index into the positional partitions
 
@@ -193,7 +216,7 @@ class _KernelSearch:
     def plan(self, fraction: float, source: str | None, errors: bool = True) -> SharingPlan:
         """`errors`: fill in each group's reconstruction error (a bisection needs only the sizes)."""
         target = fraction * self.before * (1 + 1e-9)  # a fraction printed from a count must admit that count
-        ward = _ward(self.classes, self.sizes, self.before - target)
+        ward = _ward(self.classes, self.sizes, self.before - target, self._first_merges)
         options = [ward, *self.positional()]
         feasible = [i for i, p in enumerate(options) if self.params(p) <= target]
         if not feasible:

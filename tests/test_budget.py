@@ -223,3 +223,16 @@ def test_auto_ranks_round_trip_and_need_a_budget(trained: nn.Module, tmp_path: P
     assert all(not g.ranks for g in kshare.plan_of(refit).groups)
     bad = CliRunner().invoke(app, ["analyze", "kshare:convmixer_32_4", "-g", "stage", "--relax", "lora:auto"])
     assert bad.exit_code == 2 and "budget" in bad.output
+
+
+def test_cluster_squared_error_counts_every_cluster_and_no_lone_member() -> None:
+    from kshare.budget import _lloyd, _sse
+
+    torch.manual_seed(0)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    labels = [-3, 4, -3, -1, 4, 4, 2]  # partitions label lone kernels with negative numbers
+    naive = sum(float((x[[i for i, c in enumerate(labels) if c == k]] - x[[i for i, c in enumerate(labels) if c == k]]
+                       .mean(0)).square().sum()) for k in set(labels))
+    assert _sse(x, labels) == pytest.approx(naive, rel=1e-12) and naive > 0
+    refined = _lloyd(x, labels)
+    assert len(set(refined)) == len(set(labels)) and _sse(x, refined) <= _sse(x, labels) + 1e-12
