@@ -119,10 +119,11 @@ def _members(x: torch.Tensor, labels: torch.Tensor, cluster: int) -> torch.Tenso
 
 def _sse(x: torch.Tensor, labels: list[int]) -> float:
     lab = torch.tensor(labels)
-    sizes = torch.bincount(lab - lab.min())
+    lowest = min(labels)  # partitions label lone kernels with negative numbers
+    sizes = torch.bincount(lab - lowest).tolist()
     total = 0.0
     for c in set(labels):
-        if sizes[c - lab.min()] > 1:  # a lone member is its own centre: no error
+        if sizes[c - lowest] > 1:  # a lone member is its own centre: no error
             members = _members(x, lab, c)
             total += float((members - members.mean(0)).square().sum())
     return total
