@@ -259,8 +259,7 @@ class _RankAllocation:
     def __init__(self, search: _KernelSearch, relaxation: Relaxation, steps: int = 24) -> None:
         self.search, self.relaxation, self.steps = search, relaxation, steps
         self.modules = dict(search.model.named_modules())
-        self.norm = sum(float(_vector(self.modules[s.name], search.policy.share_bias).square().sum())
-                        for s in search.inspection.sites)  # as `total_error` normalises
+        self.norm = _kernel_norm(self.modules, search.inspection, search.policy.share_bias)
         self._spectra: dict[tuple[str, ...], list[_Spectrum]] = {}
 
     def spectra(self, group: Group) -> list[_Spectrum]:
@@ -371,10 +370,15 @@ def with_errors(model: nn.Module, plan: SharingPlan) -> SharingPlan:
     return dataclasses.replace(plan, groups=groups)
 
 
+def _kernel_norm(modules: dict[str, nn.Module], inspection: Inspection, share_bias: bool) -> float:
+    """Squared norm of every conv kernel (and bias, if shared): what relative errors divide by."""
+    return sum(float(_vector(modules[s.name], share_bias).square().sum()) for s in inspection.sites)
+
+
 def total_error(model: nn.Module, plan: SharingPlan, inspection: Inspection) -> float:
     """Squared reconstruction error of all groups over the squared norm of all conv kernels."""
     modules = dict(model.named_modules())
-    norm = sum(float(_vector(modules[s.name], plan.share_bias).square().sum()) for s in inspection.sites)
+    norm = _kernel_norm(modules, inspection, plan.share_bias)
     sse = 0.0
     for group in plan.groups:
         sse += group_error(model, group, plan.share_bias) * sum(
