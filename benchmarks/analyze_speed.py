@@ -18,7 +18,7 @@ import warnings
 import torch
 
 import kshare
-from kshare.zoo import build, resolve
+from kshare.models.zoo import build, resolve
 
 DEFAULT_MODELS = [
     "resnet50",

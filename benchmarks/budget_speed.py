@@ -19,7 +19,7 @@ import warnings
 import torch
 
 import kshare
-from kshare.zoo import build, resolve
+from kshare.models.zoo import build, resolve
 
 DEFAULT_MODELS = ["resnet18", "kshare:convmixer_256_16", "timm:convnext_atto"]
 

@@ -1,4 +1,4 @@
-"""Images per second of `kshare.train.finetune` next to a minimal hand-written PyTorch loop.
+"""Images per second of `kshare.finetune` next to a minimal hand-written PyTorch loop.
 
     python benchmarks/finetune_speed.py [--rounds 3] [--train 4096] [--batch 128] [MODEL:POLICY ...]
 
@@ -24,13 +24,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
 from torch import nn
 
 import kshare
-from kshare.data import FASHION_MNIST_ROOT, Adapter, ImageData, load_data
-from kshare.train import TrainConfig, finetune
-from kshare.zoo import load_model
+from kshare.models.zoo import load_model
+from kshare.training.data import FASHION_MNIST_ROOT, Adapter, ImageData, load_data
+from kshare.training.loop import TrainConfig, finetune
 
 DEFAULT_CASES = ["kshare:convmixer_128_8:all", "resnet18:stage"]
 KWARGS = {"kshare:convmixer_128_8": {"kernel_size": 5, "patch_size": 2}}
@@ -68,7 +67,6 @@ def main() -> None:
     train = load_data(name, "train").subset(args.train)
     test = load_data(name, "test").subset(64)
     config = TrainConfig(epochs=1, lr=1e-3, batch_size=args.batch)
-    quiet = Console(stderr=True, quiet=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {name} {len(train.labels)} images, "
           f"batch {args.batch}, median of {args.rounds} alternating rounds")
     header = f"{'model':26} {'policy':7} {'kshare img/s':>13} {'hand img/s':>11} {'ratio':>6}"
@@ -84,7 +82,7 @@ def main() -> None:
             ours, theirs = [], []
             for _ in range(args.rounds):
                 model = copy.deepcopy(base)  # keeps the aliasing; finetune verifies it
-                summary = finetune(model, train, test, config, Path(tmp) / "m.pt", console=quiet)
+                summary = finetune(model, train, test, config, Path(tmp) / "m.pt")
                 ours.append(summary["history"][0]["images_per_s"])
                 model = copy.deepcopy(base)
                 theirs.append(hand_written(model, train, adapter, config))

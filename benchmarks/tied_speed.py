@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import kshare
-from kshare.zoo import load_model
+from kshare.models.zoo import load_model
 
 DEFAULT_CASES = ["resnet18:all:3,128,128", "kshare:convmixer_256_8:all:3,32,32", "timm:convnext_atto:stage:3,128,128"]
 

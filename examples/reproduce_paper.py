@@ -17,9 +17,10 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from paper_study import Arch, Study, read_study, run_study
+from results_page import plot, results_page
+
 from kshare.errors import KShareError
-from kshare.reproduce import Arch, Study, read_study, run_study
-from kshare.results import plot, results_page
 
 PRESETS = {
     # Fits the project's 2-core CPU machine in under an hour (docs/results.md says how long).

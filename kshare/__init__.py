@@ -1,10 +1,16 @@
-"""kshare: retrofit inter-layer kernel sharing onto existing PyTorch CNNs."""
+"""kshare: retrofit inter-layer kernel sharing onto existing PyTorch CNNs.
+
+The layers, bottom up (each imports only those below it): `kshare.kernels` (shared-kernel
+arithmetic), `kshare.analysis` (signatures, inspection), `kshare.models` (building models by
+name), `kshare.planning` (configs, planners, the plan data), `kshare.surgery` (apply a plan,
+relaxed members, fold), `kshare.io` (checkpoints, exports), `kshare.training` (data, the
+loop, calibration), then `kshare.api` and `kshare.sweep`, and the CLI (`kshare.cli`) on top.
+This module re-exports what users call.
+"""
 
 from kshare._version import __version__
-from kshare.api import Analysis, analyze, plan
-from kshare.calibrate import recalibrate_bn
-from kshare.checkpoint import load, save
-from kshare.data import ImageData, load_data
+from kshare.analysis import ConvSite, Inspection, Signature, inspect_model
+from kshare.api import Analysis, analyze, plan, tie
 from kshare.errors import (
     CheckpointError,
     DataError,
@@ -19,18 +25,27 @@ from kshare.errors import (
     TrainingError,
     WeightsError,
 )
-from kshare.export import export_onnx, export_safetensors
-from kshare.graph import ConvSite, Inspection, inspect_model
-from kshare.plan import Group, SharingPlan, Totals, Unshared
-from kshare.policy import Policy, build_plan
-from kshare.relax import Relaxation, fold
-from kshare.signature import Signature
-from kshare.surgery import plan_of, tie, untie
-from kshare.train import TrainConfig, evaluate, finetune
-from kshare.zoo import ModelSpec, load_model
+from kshare.io import export_onnx, export_safetensors, load, save
+from kshare.models.zoo import ModelSpec, load_model
+from kshare.planning import (
+    BudgetConfig,
+    Group,
+    Policy,
+    PositionalConfig,
+    Relaxation,
+    SharingConfig,
+    SharingPlan,
+    Totals,
+    Unshared,
+    build_plan,
+    parse_config,
+)
+from kshare.surgery import apply_plan, fold, plan_of, untie
+from kshare.training import ImageData, TrainConfig, evaluate, finetune, load_data, recalibrate_bn
 
 __all__ = [
     "Analysis",
+    "BudgetConfig",
     "CheckpointError",
     "ConvSite",
     "DataError",
@@ -47,7 +62,9 @@ __all__ = [
     "PlanError",
     "Policy",
     "PolicyError",
+    "PositionalConfig",
     "Relaxation",
+    "SharingConfig",
     "SharingPlan",
     "Signature",
     "Totals",
@@ -57,6 +74,7 @@ __all__ = [
     "WeightsError",
     "__version__",
     "analyze",
+    "apply_plan",
     "build_plan",
     "evaluate",
     "export_onnx",
@@ -67,6 +85,7 @@ __all__ = [
     "load",
     "load_data",
     "load_model",
+    "parse_config",
     "plan",
     "plan_of",
     "recalibrate_bn",

@@ -1,4 +1,5 @@
-"""The public Python calls: `analyze` and `plan` (analysis never changes the model)."""
+"""The one-liners users call: `analyze`, `plan` (analysis never changes the model) and `tie`
+(plan, then apply the plan through the surgery layer)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from kshare.budget import budget_plan, parse_budget
-from kshare.graph import Inspection, inspect_model
-from kshare.plan import SharingPlan
-from kshare.policy import Policy, build_plan
-from kshare.relax import Relaxation, with_relaxation
-from kshare.zoo import ModelSpec, default_input_size, load_model, spec_of
+from kshare.analysis.inspect import Inspection, inspect_model
+from kshare.errors import PlanError
+from kshare.models.zoo import ModelSpec, default_input_size, load_model, spec_of
+from kshare.planning.config import SharingConfig
+from kshare.planning.plan import SharingPlan
+from kshare.planning.planner import build_plan
+from kshare.planning.reconstruction import with_errors
+from kshare.surgery.tie import apply_plan, plan_of, with_init
 
 
 @dataclass(frozen=True)
@@ -26,53 +29,70 @@ class Analysis:
 
 def analyze(
     model: nn.Module | str,
-    policy: Policy | str = "all",
+    policy: SharingConfig | str = "all",
     *,
-    match: str | None = None,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    min_size: int | None = None,
-    share_bias: bool | None = None,
     input_size: Sequence[int] | str | None = None,
     method: str = "auto",
     spec: ModelSpec | None = None,
-    relax: str | None = None,
+    **options: object,
 ) -> Analysis:
-    """Inspect `model` (a module, or a name `kshare.zoo` resolves) and plan its sharing.
+    """Inspect `model` (a module, or a name `kshare.models.zoo` resolves) and plan its sharing.
 
-    `policy` is a `Policy` or a policy string (`all`, `stage`, `chunk:K`, `stage+chunk:K`, or
-    `budget:F` for a similarity-driven plan keeping at most fraction F of the conv parameters);
-    keyword options override the matching fields of the policy. `spec` records where a
-    module came from (set automatically when `model` is a name). `relax` (`scale`, `lora:R`)
-    counts a relaxation's per-member parameters in the totals, and in a budget.
+    `policy` is a `SharingConfig` or a policy string (`all`, `stage`, `chunk:K`,
+    `stage+chunk:K`, or `budget:F` for a similarity-driven plan keeping at most fraction F of
+    the conv parameters); keyword `options` (`match`, `include`, `exclude`, `min_size`,
+    `share_bias`, `relax`) replace the config's fields. A relaxation (`relax="lora:4"`) is
+    counted in the totals, and in a budget. `spec` records where a module came from (set
+    automatically when `model` is a name).
     """
-    relaxation = Relaxation.parse(relax)
     if isinstance(model, str):
         model, spec = load_model(model)
     spec = spec or spec_of(model)
-    options = {
-        "match": match, "include": include, "exclude": exclude,
-        "min_size": min_size, "share_bias": share_bias,
-    }
-    budget = parse_budget(policy) if isinstance(policy, str) else None
-    if isinstance(policy, Policy):
-        policy = Policy.parse(policy.name, **({k: getattr(policy, k) for k in options} | _set(options)))
-    else:
-        policy = Policy.parse("all" if budget is not None else policy, **_set(options))
     size = input_size if input_size is not None else default_input_size(model, spec)
     inspection = inspect_model(model, size, method=method)
-    source = spec.ref if spec else None
-    if budget is not None:
-        plan = budget_plan(model, inspection, budget, policy, source=source, relaxation=relaxation)
-    else:
-        plan = with_relaxation(build_plan(inspection, policy, source=source), relaxation)
+    plan = build_plan(model, policy, inspection=inspection, source=spec.ref if spec else None, **options)
     return Analysis(inspection=inspection, plan=plan, spec=spec)
 
 
-def _set(options: dict[str, object]) -> dict[str, object]:
-    return {k: v for k, v in options.items() if v is not None}
-
-
-def plan(model: nn.Module | str, policy: Policy | str = "all", **options: object) -> SharingPlan:
+def plan(model: nn.Module | str, policy: SharingConfig | str = "all", **options: object) -> SharingPlan:
     """Shortcut for `analyze(model, policy, **options).plan`."""
     return analyze(model, policy, **options).plan  # type: ignore[arg-type]
+
+
+def tie(
+    model: nn.Module,
+    plan: SharingPlan | SharingConfig | str = "all",
+    *,
+    init: str | None = None,
+    input_size: Sequence[int] | str | None = None,
+    **options: object,
+) -> nn.Module:
+    """Tie `model` in place by a plan (or a policy, planned here) and return it.
+
+    `init` says how each group's shared kernel is computed from the members' current
+    kernels: `first` (the first member's, in execution order), `mean` (elementwise mean),
+    `medoid` (the member closest to all others) or `norm_mean` (the mean, each output
+    channel rescaled to the members' average norm), so a pretrained model keeps what it can.
+    With a ready plan and no `init`, each group uses the init the plan records. The plan
+    is attached (`plan_of(model)`), each group's reconstruction error computed for the init
+    it used; tying a tied model is refused: `untie` first.
+
+    `relax` (`scale`, `lora:R`, `scale+lora:R`, `lora:auto` with a budget; see
+    `kshare.planning.relaxation`) gives each member a few parameters of its own on top of the
+    shared kernel, fitted to its kernel before tying; the plan's totals count them. With a
+    ready plan and no `relax`, the plan's own is used. Other keyword options configure the
+    policy (`match`, `include`, `exclude`, `min_size`, `share_bias`).
+    """
+    if plan_of(model) is not None:
+        raise PlanError("model is already tied by kshare: call kshare.untie(model) before tying it again")
+    relax = None
+    if isinstance(plan, SharingPlan):
+        relax = options.pop("relax", None)
+        if options:
+            raise PlanError(f"policy options {sorted(options)} apply to a policy, not to a ready plan")
+        chosen = plan
+    else:
+        chosen = analyze(model, plan, input_size=input_size, **options).plan
+    chosen.validate(model)
+    chosen = with_errors(model, with_init(chosen, init))
+    return apply_plan(model, chosen, relax=relax)  # type: ignore[arg-type]

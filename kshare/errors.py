@@ -1,7 +1,19 @@
 """Errors kshare raises on bad input: one class per kind, one line each, so the CLI can
-print the message and exit 2 without a traceback."""
+print the message and exit 2 without a traceback.
+
+Messages name the caller's parameters, not command-line flags: `param("trust_code", True)`
+gives `` `trust_code=True` ``, which reads right from Python and which the CLI rewrites to its
+flag (`--trust-code`).
+"""
 
 from __future__ import annotations
+
+_MISSING = object()
+
+
+def param(name: str, value: object = _MISSING) -> str:
+    """How a message names one of the caller's parameters (optionally with a value)."""
+    return f"`{name}`" if value is _MISSING else f"`{name}={value}`"
 
 
 class KShareError(Exception):

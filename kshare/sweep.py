@@ -6,7 +6,8 @@ fine-tune (cross-entropy, distillation from the untied original, or both). `matc
 points search the budget that, with a given relaxation, stores no more parameters and writes
 no larger a checkpoint than `POLICY` does, so relaxed and plain sharing are compared at the
 same size (a relaxation's tensors each cost a name in the file, not only their elements).
-The rows go to a JSON file and a Pareto plot (test accuracy vs stored bytes).
+The rows go to a JSON file; `pareto` finds the points no other beats on both size and
+accuracy (the CLI draws them, `kshare.cli.plots`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import math
 import shlex
 import sys
@@ -23,22 +25,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from torch import nn
 
+from kshare.analysis.inspect import Inspection
 from kshare.api import analyze
-from kshare.budget import budget_plan
-from kshare.calibrate import recalibrate_bn
-from kshare.checkpoint import save
-from kshare.data import Adapter, ImageData
 from kshare.errors import PlanError, StudyError
-from kshare.graph import Inspection
-from kshare.plan import SharingPlan
-from kshare.policy import Policy
-from kshare.relax import Relaxation
-from kshare.surgery import plan_of, tie
-from kshare.train import TrainConfig, evaluate, finetune, input_channels
-from kshare.zoo import spec_of
+from kshare.io.checkpoint import save
+from kshare.models.zoo import spec_of
+from kshare.planning.budget import budget_plan
+from kshare.planning.config import PositionalConfig, SharingConfig
+from kshare.planning.plan import SharingPlan
+from kshare.planning.relaxation import Relaxation
+from kshare.progress import ProgressFn
+from kshare.surgery.tie import apply_plan, plan_of
+from kshare.training.calibrate import recalibrate_bn
+from kshare.training.data import Adapter, ImageData, input_channels
+from kshare.training.loop import TrainConfig, evaluate, finetune
+
+log = logging.getLogger(__name__)
 
 SWEEP_FORMAT = "kshare.sweep/1"
 
@@ -112,7 +116,7 @@ def aggregate(rows: list[SweepRow]) -> list[SweepRow]:
 
 
 def matched_budget(model: nn.Module, inspection: Inspection, target: int, relaxation: Relaxation,
-                   policy: Policy, max_bytes: int | None = None) -> SharingPlan | None:
+                   policy: SharingConfig, max_bytes: int | None = None) -> SharingPlan | None:
     """The budget plan that, with `relaxation` counted, stores the most parameters not above `target`
     (a whole-model count, such as another plan's `params_after`) and, given `max_bytes`, whose
     checkpoint is no larger; None when none fits."""
@@ -133,14 +137,14 @@ def matched_budget(model: nn.Module, inspection: Inspection, target: int, relaxa
 def stored_size(model: nn.Module, plan: SharingPlan) -> int:
     """Bytes of the checkpoint `kshare.save` writes for a copy of `model` tied by `plan`."""
     with tempfile.TemporaryDirectory() as tmp:
-        return save(tie(copy.deepcopy(model), plan), Path(tmp) / "m.pt").stat().st_size
+        return save(apply_plan(copy.deepcopy(model), plan), Path(tmp) / "m.pt").stat().st_size
 
 
 def _points(model: nn.Module, config: SweepConfig, size: tuple[int, ...]) -> list[tuple[str, SharingPlan | None,
                                                                                        str, str]]:
     """(label, plan or None when it cannot be built, relaxation, note) for every grid point."""
     base = analyze(model, "all", input_size=size)
-    inspection, policy = base.inspection, Policy()
+    inspection, policy = base.inspection, PositionalConfig()
     points: list[tuple[str, SharingPlan | None, str, str]] = []
     plans: dict[str, SharingPlan] = {}
     for name in dict.fromkeys([*config.policies, *config.match]):
@@ -172,11 +176,11 @@ def _points(model: nn.Module, config: SweepConfig, size: tuple[int, ...]) -> lis
 
 
 def run_sweep(model: nn.Module, train: ImageData, test: ImageData, config: SweepConfig, out: str | Path,
-              console: Console | None = None, baseline: dict[str, Any] | None = None) -> list[SweepRow]:
+              baseline: dict[str, Any] | None = None, progress: ProgressFn | None = None) -> list[SweepRow]:
     """Evaluate every grid point on copies of `model` (trained, untied); write the JSON to `out`.
 
-    `baseline`: how the model was trained (a checkpoint's `finetune` record), kept in the JSON."""
-    console = console or Console(stderr=True)
+    `baseline`: how the model was trained (a checkpoint's `finetune` record), kept in the JSON.
+    `progress` follows each point's fine-tune; every point's result goes to the logger."""
     model = model.cpu().eval()
     channels = input_channels(model)
     test_adapter = Adapter.for_model(test, channels, config.image_size, augment=False)
@@ -196,14 +200,14 @@ def run_sweep(model: nn.Module, train: ImageData, test: ImageData, config: Sweep
             if plan is None or not plan.groups:
                 rows.append(SweepRow(label, "-", relax, None, 0, 0, float("nan"), float("nan"), 0.0,
                                      note=note or "the policy ties nothing"))
-                console.print(f"[yellow]skip[/] {label}: {rows[-1].note}", soft_wrap=True)
+                log.warning(f"skip {label}: {rows[-1].note}")
                 continue
             runs = [(loss, seed) for seed in config.seeds for loss in config.losses] if config.epochs > 0 else [
                 (None, config.seeds[0])]
             acc_tied = None
             for loss, seed in runs:
                 t0 = time.perf_counter()
-                tied = tie(copy.deepcopy(model), plan, init=config.init, relax=relax)
+                tied = apply_plan(copy.deepcopy(model), plan, init=config.init, relax=relax)
                 if config.calibrate:
                     recalibrate_bn(tied, train, images=config.calibrate, batch_size=config.batch_size,
                                    adapter=calibration_adapter)
@@ -215,7 +219,7 @@ def run_sweep(model: nn.Module, train: ImageData, test: ImageData, config: Sweep
                     train_config = TrainConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
                                                distill=loss == "kd", seed=seed, image_size=config.image_size)
                     summary = finetune(tied, train, test, train_config, Path(tmp) / f"p{index}.pt",
-                                       teacher=teacher if loss == "kd" else None, console=console)
+                                       teacher=teacher if loss == "kd" else None, progress=progress)
                     history, acc = summary["history"], summary["history"][-1]["test_acc"]
                 path = save(tied.cpu(), Path(tmp) / f"s{index}.pt")
                 tied_plan = plan_of(tied)  # the plan with the relaxation counted
@@ -223,9 +227,8 @@ def run_sweep(model: nn.Module, train: ImageData, test: ImageData, config: Sweep
                 rows.append(SweepRow(label, plan.policy, relax, loss, tied_plan.totals.params_after,
                                      path.stat().st_size, acc_tied, acc, time.perf_counter() - t0,
                                      groups=len(plan.groups), note=note, history=history, seed=seed))
-                console.print(f"{label} ({loss or 'no fine-tune'}, seed {seed}): "
-                              f"{tied_plan.totals.params_after:,} params, tied {acc_tied:.4f} → {acc:.4f}",
-                              soft_wrap=True)
+                log.info(f"{label} ({loss or 'no fine-tune'}, seed {seed}): "
+                         f"{tied_plan.totals.params_after:,} params, tied {acc_tied:.4f} → {acc:.4f}")
                 write_sweep(out, model, train, config, rows, baseline)
     write_sweep(out, model, train, config, rows, baseline)
     return rows
@@ -252,235 +255,9 @@ def read_sweep(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def _percent(row: SweepRow) -> str:
-    return f"{100 * row.acc:.2f}" + (f" ± {100 * row.acc_sd:.2f}" if row.runs > 1 else "")
-
-
-def _baseline_line(record: dict[str, Any] | None) -> list[str]:
-    if not record:
-        return []
-    cfg, metrics = record.get("config", {}), record.get("metrics", {})
-    images = f" ({record['train_images']:,} training images; " if "train_images" in record else " ("
-    return ["", f"The untied baseline: {record.get('epoch', '?')} epoch(s) of `kshare finetune` on "
-                f"`{record.get('data', '?')}`{images}{cfg.get('optimizer', '?')}, lr {cfg.get('lr', 0):g}, batch "
-                f"{cfg.get('batch_size', '?')}, seed {cfg.get('seed', '?')}), test accuracy "
-                f"{100 * metrics.get('test_acc', float('nan')):.2f}% when it finished."]
-
-
-def _steps(epochs: int, images: int, batch_size: int) -> int:
-    return epochs * math.ceil(images / batch_size)
-
-
-def finetune_steps(payload: dict[str, Any]) -> tuple[int, int] | None:
-    """(each point's fine-tune steps, the baseline's training steps), when the sweep records both."""
-    record, config = payload.get("baseline") or {}, payload["config"]
-    if "train_images" not in record or not isinstance(payload.get("train_images"), int) or not config["epochs"]:
-        return None
-    base = _steps(record.get("epoch", 0), record["train_images"], record.get("config", {}).get("batch_size", 128))
-    return _steps(config["epochs"], payload["train_images"], config["batch_size"]), base
-
-
-def _share_line(payload: dict[str, Any]) -> list[str]:
-    """How long each point's fine-tune is next to the baseline's training, when both are known."""
-    steps = finetune_steps(payload)
-    if steps is None:
-        return []
-    point, base = steps
-    return ["", f"Each point's fine-tune takes {point:,} optimiser steps, {point / max(base, 1):.1%} of the "
-                f"{base:,} that trained the baseline."]
-
-
-def sweeps_summary(payloads: dict[str, dict[str, Any]]) -> str:
-    """One line per published sweep and matched policy: relaxed budget plans with distillation
-    against the plain policy, so a claim that holds on one baseline only shows as such."""
-    lines = ["| sweep | baseline seed | baseline test acc % | fine-tune steps / baseline's | budget plan + "
-             "relaxation + KD vs the plain policy (Δ of means, points) | higher in every seed |",
-             "| --- | ---: | ---: | ---: | --- | ---: |"]
-    won = total = 0
-    for name, payload in payloads.items():
-        comparisons = [c for c in matched_comparisons(payload) if c.relaxed and c.loss == "kd"]
-        steps = finetune_steps(payload)
-        share = f"{steps[0]:,} / {steps[1]:,}" if steps else "–"
-        record = payload.get("baseline") or {}
-        acc, seed = record.get("metrics", {}).get("test_acc"), record.get("config", {}).get("seed", "–")
-        for target in dict.fromkeys(c.target for c in comparisons):
-            mine = [c for c in comparisons if c.target == target]
-            wins = sum(c.every_seed for c in mine)
-            won, total = won + wins, total + len(mine)
-            deltas = ", ".join(f"{c.mine.label.removeprefix(f'budget≈{target}')} {c.delta:+.2f}" for c in mine)
-            shown = "–" if acc is None else f"{100 * acc:.2f}"
-            lines.append(f"| `{name}` | {seed} | {shown} | {share} | vs `{target}`: {deltas} | {wins} of {len(mine)} |")
-    return "\n".join([*lines, "", f"Higher in every seed in {won} of {total} size-matched comparisons across "
-                                   f"{len(payloads)} sweeps."])
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """A budget plan against the plain policy whose size it was fitted to, under one loss."""
-
-    target: str
-    loss: str
-    mine: SweepRow  # mean over seeds
-    plain: SweepRow
-    wins: int  # seeds in which the budget plan scored higher
-    seeds: int  # seeds both ran
-
-    @property
-    def delta(self) -> float:
-        """Difference of the mean accuracies, in points."""
-        return 100 * (self.mine.acc - self.plain.acc)
-
-    @property
-    def relaxed(self) -> bool:
-        return "+" in self.mine.label
-
-    @property
-    def every_seed(self) -> bool:
-        return self.wins == self.seeds > 0
-
-
-def matched_comparisons(payload: dict[str, Any]) -> list[Comparison]:
-    """Every size-matched comparison a sweep holds (`--match`), seed by seed."""
-    runs = [SweepRow(**r) for r in payload["rows"]]
-    rows = aggregate(runs)
-    config = payload["config"]
-    found = []
-    for target in config.get("match", []):
-        for loss in config.get("losses", []):
-            plain = next((r for r in rows if r.label == target and r.loss == loss), None)
-            if plain is None:
-                continue
-            theirs = {x.seed: x.acc for x in runs if x.label == target and x.loss == loss}
-            for r in rows:
-                if not (r.label.startswith(f"budget≈{target}") and r.loss == loss and r.stored_bytes):
-                    continue
-                mine = {x.seed: x.acc for x in runs if x.label == r.label and x.loss == loss}
-                paired = [seed for seed in mine if seed in theirs]
-                found.append(Comparison(target, loss, r, plain, sum(mine[x] > theirs[x] for x in paired),
-                                        len(paired)))
-    return found
-
-
-def sweep_markdown(payload: dict[str, Any], image: str | None = None) -> str:
-    """A results section from a sweep JSON: every point (mean over seeds), then the size-matched comparisons."""
-    runs = [SweepRow(**r) for r in payload["rows"]]
-    rows = aggregate(runs)
-    config = payload["config"]
-    model = payload.get("model") or {}
-    source = model.get("name", "the model") + "".join(f" {k}={v}" for k, v in (model.get("kwargs") or {}).items())
-    seeds = config.get("seeds", [config.get("seed", 0)])
-    tolerance = config.get("size_tolerance", 0.0)
-    calibrated = (f", BatchNorm statistics re-estimated on {config['calibrate']:,} training images"
-                  if config.get("calibrate") else "")
-    lines = [f"Model: `{source}`, trained untied by kshare's own commands; data `{payload['data']}`; "
-             f"every point tied with init `{config['init']}`{calibrated} and fine-tuned for "
-             f"{config['epochs']} epoch(s) at lr {config['lr']:g} on {payload.get('train_images', '?')} "
-             f"training images, seed(s) {', '.join(map(str, seeds))}.", *_baseline_line(payload.get("baseline")),
-             *_share_line(payload), "",
-             "```bash", payload.get("command", "kshare sweep ..."), "```", "",
-             "| point | loss | stored params | file | acc right after tying % | after fine-tune % |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        if r.stored_bytes == 0:
-            lines.append(f"| {r.label} | – | – | – | – | {r.note} |")
-            continue
-        lines.append(f"| {r.label} | {r.loss or '–'} | {r.params:,} | {r.stored_bytes / 1024:,.1f} KiB | "
-                     f"{100 * r.acc_tied:.2f} | {_percent(r)} |")
-    comparisons = matched_comparisons(payload)
-    compare = [f"| {c.mine.label} vs {c.target} | {c.loss} | {c.mine.params:,} vs {c.plain.params:,} "
-               f"({c.mine.params / c.plain.params - 1:+.2%}) | {c.mine.stored_bytes / 1024:,.1f} vs "
-               f"{c.plain.stored_bytes / 1024:,.1f} KiB ({c.mine.stored_bytes / c.plain.stored_bytes - 1:+.2%}) | "
-               f"{_percent(c.mine)} vs {_percent(c.plain)} | "
-               f"{c.delta:+.2f} ({'higher' if c.delta > 0 else 'not higher'}) | {c.wins} of {c.seeds} |"
-               for c in comparisons]
-    relaxed_kd = [(c.every_seed, c.delta) for c in comparisons if c.relaxed and c.loss == "kd"]
-    no_room = [t for t in config.get("match", [])
-               if not any(r.label.startswith(f"budget≈{t}+") and r.stored_bytes for r in rows)]
-    if compare:
-        allowance = f"at most {tolerance:.1%} more" if tolerance else "no more"
-        bytes_too = " and bytes" if payload.get("matched_bytes") else ""
-        lines += ["", f"Same size, same fine-tune budget: a budget plan (with a relaxation, or none) fitted to "
-                  f"store {allowance} parameters{bytes_too} than the plain policy, fine-tuned with the same seeds:", "",
-                  "| comparison | loss | stored params | file | test acc % | Δ points (means) | seeds where higher |",
-                  "| --- | --- | --- | --- | --- | --- | --- |", *compare]
-    if relaxed_kd:
-        deltas = [d for _, d in relaxed_kd]
-        lines += ["", f"Budget plan + relaxation + distillation against the plain policy at its size: higher in "
-                  f"every seed in {sum(w for w, _ in relaxed_kd)} of {len(relaxed_kd)} comparisons "
-                  f"(Δ of the means from {min(deltas):+.2f} to {max(deltas):+.2f} points)."]
-    if no_room:
-        lines += ["", f"At the size of {', '.join(f'`{t}`' for t in no_room)} no relaxed budget plan fits: "
-                  "it already shares every isomorphic kernel, which leaves no parameter for a relaxation."]
-    if image:
-        lines += ["", f"![sweep]({image})"]
-    return "\n".join(lines)
-
-
 def pareto(rows: list[SweepRow]) -> list[SweepRow]:
     """The rows no other row beats on both stored bytes (fewer) and accuracy (higher)."""
     valid = [r for r in rows if r.stored_bytes > 0 and r.acc == r.acc]
     return sorted((r for r in valid if not any((o.stored_bytes <= r.stored_bytes and o.acc > r.acc) or
                                                  (o.stored_bytes < r.stored_bytes and o.acc >= r.acc) for o in valid)),
                   key=lambda r: r.stored_bytes)
-
-
-LOSS_STYLES = {None: ("grey", "o", "tied, no fine-tune"), "ce": ("tab:blue", "o", "fine-tuned, CE"),
-               "kd": ("tab:red", "s", "fine-tuned, CE + KD")}
-
-
-def plot_sweep(rows: list[SweepRow], path: str | Path, title: str) -> Path:
-    """Two panels: accuracy vs stored bytes with the Pareto front (each point named once, at its
-    best loss), and every point's accuracy as a bar, ordered by size, so crowded sizes stay readable.
-    Means over seeds; error bars: one standard deviation."""
-    rows = aggregate(rows)
-    try:
-        import matplotlib
-    except ImportError:
-        raise StudyError("the plot needs matplotlib: pip install 'kshare[plots]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = sorted((r for r in rows if r.stored_bytes > 0 and r.label != "untied"),
-                    key=lambda r: (r.stored_bytes, r.label, r.loss or ""))
-    fig, (ax, bars) = plt.subplots(1, 2, figsize=(13, max(5.0, 0.22 * len(points) + 1.5)),
-                                   gridspec_kw={"width_ratios": [3, 2]})
-    for loss, (color, marker, name) in LOSS_STYLES.items():
-        pts = [r for r in points if r.loss == loss]
-        if pts:
-            ax.errorbar([r.stored_bytes / 1024 for r in pts], [100 * r.acc for r in pts],
-                        yerr=[100 * r.acc_sd for r in pts], fmt=marker, color=color, capsize=2, ms=5, label=name)
-    best: dict[str, SweepRow] = {}
-    for r in points:
-        if r.label not in best or r.acc > best[r.label].acc:
-            best[r.label] = r
-    for r in best.values():
-        ax.annotate(r.label, (r.stored_bytes / 1024, 100 * r.acc), fontsize=6, xytext=(3, 3),
-                    textcoords="offset points")
-    base = next((r for r in rows if r.label == "untied"), None)
-    if base is not None:
-        ax.scatter([base.stored_bytes / 1024], [100 * base.acc], marker="*", s=160, c="k", label="untied original")
-    front = pareto(points)
-    if front:
-        ax.plot([r.stored_bytes / 1024 for r in front], [100 * r.acc for r in front], "k--", lw=0.8,
-                label="Pareto front")
-    ax.set_xscale("log")
-    ax.set_xlabel("stored bytes (KiB, log scale)")
-    ax.set_ylabel("test accuracy %")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-
-    y = range(len(points))
-    bars.barh(list(y), [100 * r.acc for r in points], xerr=[100 * r.acc_sd for r in points],
-              color=[LOSS_STYLES[r.loss][0] for r in points], capsize=2)
-    bars.set_yticks(list(y), [f"{r.label} ({r.loss or 'tied'}) {r.params:,}" for r in points], fontsize=6)
-    low = min((100 * (r.acc - r.acc_sd) for r in points), default=0.0)
-    high = max((100 * (r.acc + r.acc_sd) for r in points), default=100.0)
-    bars.set_xlim(max(0.0, low - 1), min(100.0, high + 0.5))
-    bars.invert_yaxis()
-    bars.set_xlabel("test accuracy % (point, loss, stored params; smallest first)")
-    bars.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from kshare.graph import Inspection
-from kshare.plan import SharingPlan
+from kshare.analysis.inspect import Inspection
+from kshare.planning.plan import SharingPlan
 
 
 def check_plan(model: nn.Module, insp: Inspection, plan: SharingPlan) -> None:

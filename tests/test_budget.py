@@ -12,11 +12,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 import kshare
-from kshare.budget import total_error
 from kshare.cli import app
 from kshare.errors import PlanError, PolicyError
-from kshare.plan import SharingPlan
-from kshare.train import TrainConfig, finetune
+from kshare.planning.plan import SharingPlan
+from kshare.planning.reconstruction import total_error
+from kshare.training.loop import TrainConfig, finetune
 
 
 class TwoResolutions(nn.Module):
@@ -226,7 +226,7 @@ def test_auto_ranks_round_trip_and_need_a_budget(trained: nn.Module, tmp_path: P
 
 
 def test_cluster_squared_error_counts_every_cluster_and_no_lone_member() -> None:
-    from kshare.budget import _lloyd, _sse
+    from kshare.planning.budget import _lloyd, _sse
 
     torch.manual_seed(0)
     x = torch.randn(7, 5, dtype=torch.float64)

@@ -11,10 +11,10 @@ from torch import nn
 from typer.testing import CliRunner
 
 import kshare
-from kshare.calibrate import batch_norms, recalibrate_bn
 from kshare.cli import app
-from kshare.data import Adapter
 from kshare.sweep import SweepConfig, run_sweep
+from kshare.training.calibrate import batch_norms, recalibrate_bn
+from kshare.training.data import Adapter
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 import kshare
-import kshare.checkpoint
-from kshare.checkpoint import state_bytes
+import kshare.io.checkpoint
+import kshare.io.payload
 from kshare.cli import app
-from kshare.zoo import load_model
+from kshare.io.payload import state_bytes
+from kshare.models.zoo import load_model
 
 ROUND_TRIPS = [
     ("resnet18", "stage", (3, 64, 64)),
@@ -97,7 +98,7 @@ def test_tensors_are_packed_into_one_storage_record_per_dtype(tmp_path: Path) ->
     state = model.state_dict()
     assert len(records) == len({t.dtype for t in state.values()}) == 2  # float32 and BN's int64 counters
     plain = tmp_path / "plain.pt"  # the same tensors, each its own storage
-    torch.save({k: v.detach().clone() for k, v in kshare.checkpoint.dedup_state(state)[0].items()}, plain)
+    torch.save({k: v.detach().clone() for k, v in kshare.io.payload.dedup_state(state)[0].items()}, plain)
     assert path.stat().st_size < plain.stat().st_size
     loaded = kshare.load(path)
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in state.items())
@@ -196,7 +197,7 @@ def test_interrupted_save_leaves_the_old_file(tmp_path: Path, monkeypatch: pytes
         Path(str(f)).write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(kshare.checkpoint.torch, "save", crash)
+    monkeypatch.setattr(kshare.io.checkpoint.torch, "save", crash)
     kshare.tie(model, "all")
     with pytest.raises(KeyboardInterrupt):
         kshare.save(model, path)
@@ -230,7 +231,7 @@ def test_a_spec_naming_user_code_is_built_only_when_trusted(tmp_path: Path, monk
                                                     "kwargs": {"filename": str(marker), "data": None}}),
     }
     for path in hostile.values():
-        with pytest.raises(kshare.CheckpointError, match="--trust-code"):
+        with pytest.raises(kshare.CheckpointError, match="`trust_code=True`"):
             kshare.load(path)
         for command in (["eval", str(path), "--data", "digits"], ["export", str(path), "--safetensors", "x.st"],
                         ["fold", str(path), "--out", "f.pt"], ["finetune", str(path), "--data", "digits"]):

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import kshare
 from kshare.cli import app
-from kshare.plan import SharingPlan
+from kshare.planning.plan import SharingPlan
 
 runner = CliRunner()
 NET = "from torch import nn\ndef net():\n    return nn.Sequential(nn.Conv2d(3, {a}, 3), nn.Conv2d({a}, {b}, 3))\n"

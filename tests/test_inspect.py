@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 import kshare
-from kshare.graph import inspect_model
+from kshare.analysis.inspect import inspect_model
 
 
 def test_fallback_for_data_dependent_control_flow(data_dependent_net: nn.Module) -> None:

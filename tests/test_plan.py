@@ -8,7 +8,7 @@ import pytest
 import torchvision
 
 import kshare
-from kshare.plan import SharingPlan
+from kshare.planning.plan import SharingPlan
 
 
 @pytest.fixture(scope="module")

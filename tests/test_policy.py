@@ -8,8 +8,8 @@ import torchvision
 from torch import nn
 
 import kshare
-from kshare.graph import inspect_model
-from kshare.policy import Policy, build_plan
+from kshare.analysis.inspect import inspect_model
+from kshare.planning import BudgetConfig, Policy, PositionalConfig, build_plan, parse_config
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_exclude_and_include_are_honoured(resnet50_inspection: kshare.Inspection
     assert reasons["layer4.1.conv2"] == "excluded by 'layer4.*'"
     only = build_plan(resnet50_inspection, Policy(include=("layer3.*",)))
     assert only.groups and all(m.startswith("layer3.") for g in only.groups for m in g.members)
-    assert {u.reason for u in only.unshared if not u.name.startswith("layer3.")} == {"not matched by --include"}
+    assert {u.reason for u in only.unshared if not u.name.startswith("layer3.")} == {"not matched by the include globs"}
 
 
 def test_glob_that_matches_nothing_is_an_error(resnet50_inspection: kshare.Inspection) -> None:
@@ -108,17 +108,45 @@ def test_share_bias_off_counts_only_kernels() -> None:
     assert without.groups[0].params_saved == 2 * (4 * 4 * 9)
 
 
-@pytest.mark.parametrize("spec", ["stag", "chunk:1", "chunk:x", "all+all", "stage+chunk:2+chunk:3", ""])
+@pytest.mark.parametrize("spec", ["stag", "chunk:1", "chunk:x", "all+all", "stage+chunk:2+chunk:3", "",
+                                  "chunk:\u0663", "budget:\u0660.5", "budget:0.5+stage", "stage+budget:0.5",
+                                  "budget:0", "budget:1.5", "budget:nan", "budget:inf", "budget:"])
 def test_bad_policy_strings(spec: str) -> None:
     with pytest.raises(kshare.PolicyError):
-        Policy.parse(spec)
+        parse_config(spec)
 
 
 def test_policy_names_round_trip() -> None:
-    for spec in ("all", "stage", "chunk:3", "stage+chunk:5"):
-        policy = Policy.parse(spec)
-        assert Policy.parse(policy.name) == policy
-    assert Policy.parse("chunk:3").name == "all+chunk:3"
+    for spec in ("all", "stage", "chunk:3", "stage+chunk:5", "budget:0.5", "budget:1"):
+        config = parse_config(spec)
+        assert parse_config(config.name) == config
+    assert parse_config("chunk:3").name == "all+chunk:3"
+    assert parse_config("budget:0.25") == BudgetConfig(fraction=0.25)
+
+
+def test_one_parser_options_override_and_types() -> None:
+    config = parse_config("stage+chunk:3", match="shape", exclude=["layer4.*"], relax="lora:2", min_size=None)
+    assert config == PositionalConfig(scope="stage", chunk=3, match="shape", exclude=("layer4.*",),
+                                      relax=kshare.Relaxation(rank=2))
+    assert parse_config(config) is not config and parse_config(config) == config
+    assert parse_config(config, share_bias=False).share_bias is False
+    with pytest.raises(kshare.PolicyError, match="unknown sharing option"):
+        parse_config("all", scope="stage", colour="red")
+    with pytest.raises(kshare.PolicyError, match="min_size"):
+        parse_config("all", min_size=1)
+
+
+def test_build_plan_accepts_every_config(resnet50_inspection: kshare.Inspection) -> None:
+    """The one planner entry point takes positional and budget configs alike, as strings or typed."""
+    model = nn.Sequential(*[nn.Conv2d(4, 4, 3, padding=1) for _ in range(4)])
+    for config in ("all", "stage+chunk:2", "budget:0.5", BudgetConfig(fraction=0.6, relax="lora:1"),
+                   PositionalConfig(scope="stage")):
+        plan = build_plan(model, config, input_size=(4, 8, 8))
+        assert plan.groups and plan.totals.conv_params_after < plan.totals.conv_params_before
+        assert all(g.error is not None for g in plan.groups)  # every plan reports its reconstruction error
+    assert build_plan(resnet50_inspection, "stage").groups  # positional plans need no weights
+    with pytest.raises(kshare.PolicyError, match="reads the kernels"):
+        build_plan(resnet50_inspection, "budget:0.5")
 
 
 def test_squeeze_excitation_convs_do_not_split_stages() -> None:

@@ -14,8 +14,10 @@ from typer.testing import CliRunner
 import kshare
 from kshare.cli import app
 from kshare.errors import PlanError
-from kshare.relax import Relaxation, fold, shared_kernel
-from kshare.surgery import verify_tied
+from kshare.kernels import shared_kernel
+from kshare.planning.relaxation import Relaxation
+from kshare.surgery.fold import fold
+from kshare.surgery.tie import verify_tied
 
 RELAXATIONS = ["scale", "lora:4", "scale+lora:4"]
 

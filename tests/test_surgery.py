@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import kshare
-from kshare.zoo import load_model
+from kshare.models.zoo import load_model
 
 CASES = [
     ("resnet18", "stage", "first"),

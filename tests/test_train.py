@@ -18,14 +18,13 @@ from typer.testing import CliRunner
 
 import kshare
 from kshare.cli import app
-from kshare.data import FASHION_MNIST_ROOT, Adapter, ImageData, load_data
 from kshare.errors import TrainingError
-from kshare.relax import shared_kernel
-from kshare.surgery import plan_of
-from kshare.train import (
-    Runtime,
+from kshare.kernels import shared_kernel
+from kshare.models.zoo import load_model
+from kshare.surgery.tie import plan_of
+from kshare.training.data import FASHION_MNIST_ROOT, Adapter, ImageData, load_data
+from kshare.training.loop import (
     TrainConfig,
-    _batches,
     config_changes,
     distill_loss,
     evaluate,
@@ -34,8 +33,9 @@ from kshare.train import (
     parameters_without_grad,
     state_path,
 )
-from kshare.train import _sync_metrics as sync_metrics
-from kshare.zoo import load_model
+from kshare.training.loop import _sync_metrics as sync_metrics
+from kshare.training.runtime import Runtime
+from kshare.training.runtime import index_batches as _batches
 
 ROOT = Path(__file__).resolve().parent.parent
 HAVE_FMNIST = FASHION_MNIST_ROOT.is_dir()
@@ -118,7 +118,7 @@ def test_distill_uses_teacher_and_never_updates_it(tmp_path: Path, monkeypatch: 
         received.append((teacher_logits, total.detach() - (1 - cfg.alpha) * ce.detach()))
         return total, ce, kd
 
-    monkeypatch.setattr(kshare.train, "distill_loss", recording)
+    monkeypatch.setattr(kshare.training.loop, "distill_loss", recording)
     config = TrainConfig(epochs=1, lr=1e-3, batch_size=128, distill=True, alpha=0.5)
     finetune(student, data, load_data("digits", "test"), config, tmp_path / "s.pt", teacher=teacher)
     steps = -(-len(data.labels) // 128)

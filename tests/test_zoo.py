@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import kshare
-from kshare.zoo import build, default_input_size, load_model, load_weights, parse_kwargs, resolve
+from kshare.models.weights import load_weights
+from kshare.models.zoo import build, default_input_size, load_model, parse_kwargs, resolve
 
 HERE = Path(__file__).parent
 

@@ -11,10 +11,10 @@ import torchvision
 from helpers import check_plan
 from torch import fx
 
-import kshare.graph
-from kshare.graph import inspect_model
-from kshare.policy import build_plan
-from kshare.zoo import default_input_size, load_model
+import kshare.analysis.inspect
+from kshare.analysis.inspect import inspect_model
+from kshare.models.zoo import default_input_size, load_model
+from kshare.planning import build_plan
 
 TORCHVISION = torchvision.models.list_models(module=torchvision.models)
 
@@ -118,7 +118,7 @@ def test_plain_fx_failures_go_through_the_fallback(name: str, monkeypatch: pytes
     with pytest.raises(Exception):  # noqa: B017 - any trace error: the claim is "plain FX fails"
         fx.symbolic_trace(model)
     reference = inspect_model(model, size)
-    monkeypatch.setattr(kshare.graph, "_timm_fx_lists", lambda: ((), ()))
+    monkeypatch.setattr(kshare.analysis.inspect, "_timm_fx_lists", lambda: ((), ()))
     plain = inspect_model(model, size)
     assert plain.method == "hooks" and plain.fallback_reason
     assert plain.sites == reference.sites

@@ -8,7 +8,7 @@ Accepted names, tried in this order for a bare name:
 - `timm:NAME` (a bare name only timm knows, e.g. `convnext_atto`, goes to timm);
 - `package.module:factory` and `path/to/file.py:factory` for the user's own models.
 
-Models are built with random init; `load_weights` loads a local state dict on top.
+Models are built with random init; `kshare.models.weights` loads a local state dict on top.
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from kshare.errors import KShareError, ModelBuildError, ModelNotFoundError, WeightsError
-from kshare.safeio import safe_load
-from kshare.signature import is_conv
+from kshare.analysis.signature import is_conv
+from kshare.errors import ModelBuildError, ModelNotFoundError
+from kshare.models.weights import load_weights
 
 PREFIXES = ("kshare", "torchvision", "timm")
 # `module:Class` specs under these packages build a model class of theirs: no code of anyone else.
@@ -264,60 +263,6 @@ def parse_kwargs(items: list[str] | None) -> dict[str, Any]:
         except (ValueError, SyntaxError):
             out[key.strip()] = value
     return out
-
-
-def _unwrap_state(obj: Any) -> dict[str, torch.Tensor]:
-    """Find the state dict in common checkpoint layouts; strip a DDP `module.` prefix.
-
-    A kshare checkpoint (`kshare.checkpoint/1`) gives its state with the aliases expanded, so
-    a fine-tuned baseline can be the `--weights` of the next `apply`.
-    """
-    if isinstance(obj, dict) and obj.get("format") == "kshare.checkpoint/1" and isinstance(obj.get("state"), dict):
-        state = dict(obj["state"])
-        for key, target in (obj.get("aliases") or {}).items():
-            if target in state:
-                state[key] = state[target]
-        obj = state
-    for key in ("state_dict", "model", "model_state", "state"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError("weights file holds no state dict (a mapping of names to tensors)")
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k.removeprefix("module."): v for k, v in obj.items()}
-    return obj
-
-
-def check_state_fits(
-    model: nn.Module, state: Mapping[str, torch.Tensor], error: type[KShareError], what: str
-) -> None:
-    """Raise `error` in one line unless `state` has exactly the model's keys and shapes."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            k = wrong[0]
-            theirs, ours = tuple(state[k].shape), tuple(own[k].shape)
-            parts.append(f"{len(wrong)} shape mismatch(es) (e.g. {k}: file {theirs} vs model {ours})")
-        if missing:
-            parts.append(f"{len(missing)} missing key(s) (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s) (e.g. {unexpected[0]})")
-        raise error(f"{what} do not fit the model: {'; '.join(parts)}")
-
-
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Copy a local state dict into `model` (copy mode: any aliasing in the model is kept)."""
-    path = Path(path)
-    obj = safe_load(path, WeightsError)
-    state = _unwrap_state(obj)
-    check_state_fits(model, state, WeightsError, f"weights {path}")
-    model.load_state_dict(state, strict=True)
-    return model
 
 
 def default_input_size(model: nn.Module, spec: ModelSpec | None = None) -> tuple[int, ...]:

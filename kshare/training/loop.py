@@ -8,14 +8,12 @@ and metrics; at the end every rank's parameters are compared by checksum.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
+import logging
 import math
-import os
 import random
 import time
-from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,15 +22,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from kshare.checkpoint import read, restore, save
-from kshare.data import Adapter, ImageData
-from kshare.errors import TrainingError
-from kshare.surgery import verify_tied
-from kshare.zoo import spec_of
+from kshare.errors import TrainingError, param
+from kshare.io.checkpoint import read, restore, save
+from kshare.models.zoo import spec_of
+from kshare.progress import ProgressFn, report
+from kshare.surgery.tie import verify_tied
+from kshare.training.data import Adapter, ImageData, input_channels
+from kshare.training.runtime import Runtime, all_sum, index_batches, runtime
+
+log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -78,57 +78,6 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor | None, target: to
     return (1 - config.alpha) * ce + config.alpha * kd, ce, kd
 
 
-@dataclass(frozen=True)
-class Runtime:
-    """Where this process runs: rank, world size, device."""
-
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def runtime(device: str | None = None) -> Runtime:
-    """Join the process group when started by torchrun; pick the device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
-        dist.init_process_group(backend)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if device is None:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    return Runtime(rank, dist.get_world_size() if dist.is_initialized() else 1, dev)
-
-
-def _batches(n: int, batch_size: int, rt: Runtime, generator: torch.Generator | None,
-             every: bool = False) -> Iterator[torch.Tensor]:
-    """Index batches for this rank: a shuffled (or ordered) equal share of the n samples, without a
-    lone last sample (BatchNorm cannot train on one). `every`: all n samples, shares as they fall
-    (evaluation, where every image must count and ranks need not step together)."""
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    end = n if every or rt.world == 1 else (n // rt.world) * rt.world
-    share = order[rt.rank : end : rt.world]
-    for start in range(0, len(share), batch_size):
-        idx = share[start : start + batch_size]
-        if every or len(idx) > 1 or len(share) == 1:
-            yield idx
-
-
-def _all_sum(values: list[float], rt: Runtime) -> list[float]:
-    if rt.world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=rt.device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 def _autocast(rt: Runtime, config: TrainConfig) -> Any:
     if rt.device.type != "cuda" or not config.amp:
         return nullcontext()
@@ -169,14 +118,6 @@ def parameters_without_grad(model: nn.Module, x: torch.Tensor) -> list[str]:
     return unused
 
 
-def input_channels(model: nn.Module) -> int:
-    """The channels the model's first convolution expects."""
-    conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    if conv is None:
-        raise TrainingError("the model has no convolution: kshare fine-tunes CNNs")
-    return conv.in_channels
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageData, adapter: Adapter | None = None, batch_size: int = 256,
              rt: Runtime | None = None, config: TrainConfig | None = None) -> dict[str, float]:
@@ -190,7 +131,7 @@ def evaluate(model: nn.Module, data: ImageData, adapter: Adapter | None = None, 
     was_training = model.training
     model.eval()
     loss = correct = count = 0.0
-    for idx in _batches(len(data.labels), batch_size, rt, None, every=True):
+    for idx in index_batches(len(data.labels), batch_size, rt, None, every=True):
         x = adapter(data.images[idx].to(rt.device, non_blocking=True))
         y = data.labels[idx].to(rt.device, non_blocking=True)
         with _autocast(rt, config or TrainConfig()):
@@ -199,7 +140,7 @@ def evaluate(model: nn.Module, data: ImageData, adapter: Adapter | None = None, 
         correct += (logits.argmax(1) == y).sum().item()
         count += len(y)
     model.train(was_training)
-    loss, correct, count = _all_sum([loss, correct, count], rt)
+    loss, correct, count = all_sum([loss, correct, count], rt)
     return {"loss": loss / max(count, 1), "acc": correct / max(count, 1), "n": count}
 
 
@@ -213,7 +154,7 @@ def check_classes(model: nn.Module, data: ImageData, adapter: Adapter, device: t
     if out.ndim != 2 or out.shape[1] != len(data.classes):
         width = out.shape[1] if out.ndim == 2 else tuple(out.shape[1:])
         raise TrainingError(f"the model outputs {width} classes but {data.name} has {len(data.classes)}: "
-                            f"rebuild it with -k num_classes={len(data.classes)} (kshare apply ... -k ...)")
+                            f"build it with {param('num_classes', len(data.classes))}")
 
 
 def _schedule(optimizer: torch.optim.Optimizer, total: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -310,18 +251,18 @@ def finetune(
     resume: dict[str, Any] | None = None,
     metrics: str | Path | None = None,
     device: str | None = None,
-    console: Console | None = None,
+    progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Train `model` (tied or not) and save it to `out` after every epoch; returns a summary.
 
     `resume` is the training state from `resume_state`: the optimiser, schedule, RNG and
     epoch continue from there. Sharing survives: the optimiser sees each shared tensor once,
-    and the aliasing is checked before and after.
+    and the aliasing is checked before and after. `progress` hears of every step (`Tick`s
+    named `epoch E/N`); what the run decides and each epoch's figures go to the `kshare` logger.
     """
     if config.distill and teacher is None:
-        raise TrainingError("--distill needs a teacher (--teacher CKPT_OR_MODEL)")
+        raise TrainingError(f"distillation needs a teacher: pass {param('teacher')}")
     rt = runtime(device)
-    console = console or Console(stderr=True)
     out, metrics_path = Path(out), Path(metrics) if metrics else Path(out).with_suffix(".metrics.jsonl")
     torch.manual_seed(config.seed + rt.rank)
     random.seed(config.seed)
@@ -330,7 +271,7 @@ def finetune(
     test_adapter = Adapter.for_model(test_data, channels, config.image_size, augment=False)
     note = train_adapter.describe(train_data)
     if note and rt.main:
-        console.print(note, soft_wrap=True)
+        log.info(note)
 
     model.to(rt.device)
     if rt.device.type == "cuda":
@@ -340,7 +281,7 @@ def finetune(
     if teacher is not None:
         teacher.to(rt.device).eval().requires_grad_(False)
     optimizer = _optimizer(model, config)
-    steps = len(list(_batches(len(train_data.labels), config.batch_size, rt, None)))
+    steps = len(list(index_batches(len(train_data.labels), config.batch_size, rt, None)))
     scheduler = _schedule(optimizer, config.epochs * steps, int(config.warmup_epochs * steps))
     use_fp16 = rt.device.type == "cuda" and config.amp and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
@@ -351,10 +292,10 @@ def finetune(
         _set_rng_state(resume["rng"])
         start = int(resume["epoch"])
         if rt.main:
-            console.print(f"resuming after epoch {start} of {config.epochs} from {state_path(out)}", soft_wrap=True)
+            log.info(f"resuming after epoch {start} of {config.epochs} from {state_path(out)}")
             changed = config_changes(resume.get("config", {}), config)
             if changed:
-                console.print("[yellow]resuming with changed settings:[/] " + ", ".join(changed), soft_wrap=True)
+                log.warning("resuming with changed settings: " + ", ".join(changed))
             if "metrics" in resume:
                 _sync_metrics(metrics_path, start, resume["metrics"])
     net: nn.Module = model
@@ -362,85 +303,82 @@ def finetune(
         probe = train_adapter(train_data.images[:2].to(rt.device))
         unused = parameters_without_grad(model, probe)
         if unused and rt.main:
-            console.print(f"{len(unused)} parameters get no gradient ({', '.join(unused[:3])}"
-                          f"{', ...' if len(unused) > 3 else ''}): DDP looks for unused parameters every step",
-                          soft_wrap=True)
+            log.info(f"{len(unused)} parameters get no gradient ({', '.join(unused[:3])}"
+                     f"{', ...' if len(unused) > 3 else ''}): DDP looks for unused parameters every step")
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
             find_unused_parameters=bool(unused))
 
     history: list[dict[str, Any]] = []
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[stats]}"))
-    with Progress(*columns, console=console, disable=not (rt.main and console.is_terminal)) as progress:
-        for epoch in range(start, config.epochs):
-            net.train()
-            task = progress.add_task(f"epoch {epoch + 1}/{config.epochs}", total=steps, stats="")
-            gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-            loss_sum = correct = seen = 0.0
-            t0 = time.perf_counter()
-            for step, idx in enumerate(_batches(len(train_data.labels), config.batch_size, rt, gen)):
-                x = train_adapter(train_data.images[idx].to(rt.device, non_blocking=True), train=True)
-                y = train_data.labels[idx].to(rt.device, non_blocking=True)
-                if rt.device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with _autocast(rt, config):
-                    logits = logits_of(net(x))
-                    with torch.no_grad():
-                        t_logits = logits_of(teacher(x)) if teacher is not None and config.distill else None
-                    loss, _, _ = distill_loss(logits.float(), t_logits, y, config)
-                finite = bool(torch.isfinite(loss))
-                # every rank learns of a bad loss on any rank and stops with it: a rank that stopped
-                # alone would leave the others waiting in the next gradient all-reduce
-                if (not finite if rt.world == 1 else _all_sum([float(not finite)], rt)[0] > 0):
-                    last = f"the last good checkpoint {out} (epoch {epoch}) is kept" if epoch > 0 else \
-                        "no checkpoint was written"
-                    where = "" if finite else f" on rank {rt.rank}" if rt.world > 1 else ""
-                    value = loss.item() if not finite else "non-finite on another rank"
-                    raise TrainingError(f"loss became {value}{where} at epoch {epoch + 1} step {step + 1}; {last}; "
-                                        "lower --lr or set --clip-grad")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if config.clip_grad > 0:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                loss_sum += loss.item() * len(y)
-                correct += (logits.argmax(1) == y).sum().item()
-                seen += len(y)
-                rate = seen * rt.world / (time.perf_counter() - t0)
-                progress.update(task, advance=1, stats=f"{rate:,.0f} img/s loss {loss_sum / seen:.3f} "
-                                                      f"acc {correct / seen:.3f}")
-            seconds = time.perf_counter() - t0
-            loss_sum, correct, seen = _all_sum([loss_sum, correct, seen], rt)
-            if rt.world > 1:
-                # DDP sends rank 0's buffers before each forward, so each rank's last forward
-                # leaves its own batch-norm statistics: make every rank evaluate (and rank 0 save) one model.
-                for buffer in model.buffers():
-                    dist.broadcast(buffer, 0)
-            test = evaluate(model, test_data, test_adapter, max(256, config.batch_size), rt, config)
-            row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-                   "test_loss": test["loss"], "test_acc": test["acc"], "lr": scheduler.get_last_lr()[0],
-                   "images_per_s": seen / seconds, "seconds": seconds, "world_size": rt.world}
-            history.append(row)
+    for epoch in range(start, config.epochs):
+        net.train()
+        task = f"epoch {epoch + 1}/{config.epochs}"
+        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        loss_sum = correct = seen = 0.0
+        t0 = time.perf_counter()
+        for step, idx in enumerate(index_batches(len(train_data.labels), config.batch_size, rt, gen)):
+            x = train_adapter(train_data.images[idx].to(rt.device, non_blocking=True), train=True)
+            y = train_data.labels[idx].to(rt.device, non_blocking=True)
+            if rt.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with _autocast(rt, config):
+                logits = logits_of(net(x))
+                with torch.no_grad():
+                    t_logits = logits_of(teacher(x)) if teacher is not None and config.distill else None
+                loss, _, _ = distill_loss(logits.float(), t_logits, y, config)
+            finite = bool(torch.isfinite(loss))
+            # every rank learns of a bad loss on any rank and stops with it: a rank that stopped
+            # alone would leave the others waiting in the next gradient all-reduce
+            if (not finite if rt.world == 1 else all_sum([float(not finite)], rt)[0] > 0):
+                last = f"the last good checkpoint {out} (epoch {epoch}) is kept" if epoch > 0 else \
+                    "no checkpoint was written"
+                where = "" if finite else f" on rank {rt.rank}" if rt.world > 1 else ""
+                value = loss.item() if not finite else "non-finite on another rank"
+                raise TrainingError(f"loss became {value}{where} at epoch {epoch + 1} step {step + 1}; {last}; "
+                                    f"lower {param('lr')} or set {param('clip_grad')}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.clip_grad > 0:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            rate = seen * rt.world / (time.perf_counter() - t0)
             if rt.main:
-                # The resumable state first (model + optimiser), then the slim model: a kill
-                # between the two loses nothing, and `out` never carries optimiser moments.
-                provenance = {"epoch": epoch + 1, "data": train_data.name, "train_images": len(train_data.labels),
-                              "config": asdict(config), "metrics": row}
-                train_state = provenance | {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                            "rng": _rng_state()}
-                save(model, state_path(out), spec=spec_of(model), extra={"train_state": train_state})
-                save(model, out, spec=spec_of(model), extra={"finetune": provenance})
-                with open(metrics_path, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                console.print(f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.4f} "
-                              f"acc {row['train_acc']:.4f}, test loss {row['test_loss']:.4f} "
-                              f"acc {row['test_acc']:.4f}, {row['images_per_s']:,.0f} img/s", soft_wrap=True)
-            if rt.world > 1:
-                dist.barrier()
+                report(progress, task, step + 1, steps, f"{rate:,.0f} img/s loss {loss_sum / seen:.3f} "
+                                                        f"acc {correct / seen:.3f}")
+        seconds = time.perf_counter() - t0
+        loss_sum, correct, seen = all_sum([loss_sum, correct, seen], rt)
+        if rt.world > 1:
+            # DDP sends rank 0's buffers before each forward, so each rank's last forward
+            # leaves its own batch-norm statistics: make every rank evaluate (and rank 0 save) one model.
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
+        test = evaluate(model, test_data, test_adapter, max(256, config.batch_size), rt, config)
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+               "test_loss": test["loss"], "test_acc": test["acc"], "lr": scheduler.get_last_lr()[0],
+               "images_per_s": seen / seconds, "seconds": seconds, "world_size": rt.world}
+        history.append(row)
+        if rt.main:
+            # The resumable state first (model + optimiser), then the slim model: a kill
+            # between the two loses nothing, and `out` never carries optimiser moments.
+            provenance = {"epoch": epoch + 1, "data": train_data.name, "train_images": len(train_data.labels),
+                          "config": asdict(config), "metrics": row}
+            train_state = provenance | {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                        "rng": _rng_state()}
+            save(model, state_path(out), spec=spec_of(model), extra={"train_state": train_state})
+            save(model, out, spec=spec_of(model), extra={"finetune": provenance})
+            with open(metrics_path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            log.info(f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.4f} "
+                     f"acc {row['train_acc']:.4f}, test loss {row['test_loss']:.4f} "
+                     f"acc {row['test_acc']:.4f}, {row['images_per_s']:,.0f} img/s")
+        if rt.world > 1:
+            dist.barrier()
 
     verify_tied(model)
     summary: dict[str, Any] = {"out": str(out), "epochs": config.epochs, "history": history,
@@ -452,19 +390,7 @@ def finetune(
             raise TrainingError(f"parameters differ across ranks after training: fingerprints {prints}")
         summary["rank_fingerprints"] = prints
         if rt.main:
-            console.print(f"parameters and buffers identical on all {rt.world} ranks (fingerprint {prints[0]})",
-                          soft_wrap=True)
+            log.info(f"parameters and buffers identical on all {rt.world} ranks (fingerprint {prints[0]})")
     return summary
 
 
-def shutdown() -> None:
-    """Leave the process group (torchrun) cleanly.
-
-    DDP's reducer sits in reference cycles; if the garbage collector frees it only at
-    interpreter exit, after the group is gone, gloo aborts the process. Collect first, then
-    wait for every rank, then destroy.
-    """
-    if dist.is_initialized():
-        gc.collect()
-        dist.barrier()
-        dist.destroy_process_group()

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from paper_study import RunRecord, Study
+from sweep_pages import sweep_markdown, sweeps_summary
+
 from kshare.errors import StudyError
-from kshare.reproduce import RunRecord, Study
+from kshare.sweep import read_sweep
 
 # Azadbakht et al. (arXiv 2210.14151), ConvMixer-256/16 with every isomorphic layer shared.
 PAPER_ROWS = (
@@ -304,8 +307,6 @@ def markdown(header: dict[str, Any], records: list[RunRecord], study: Study, com
 def results_page(header: dict[str, Any], records: list[RunRecord], study: Study, command: str, images: list[Path],
                  docs: Path, sweeps: Sequence[Path] = (), sweep_script: Path | None = None) -> str:
     """The whole `docs/results.md`: the study's sections, then published sweeps as section 3."""
-    from kshare.sweep import read_sweep, sweep_markdown, sweeps_summary
-
     page = markdown(header, records, study, command, images, docs)
     if not sweeps:
         return page

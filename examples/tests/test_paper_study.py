@@ -8,12 +8,12 @@ import os
 from pathlib import Path
 from types import ModuleType
 
+import paper_study
 import pytest
 
-import kshare.reproduce
-from kshare.data import FASHION_MNIST_ROOT
+from kshare.training.data import FASHION_MNIST_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not FASHION_MNIST_ROOT.is_dir() and not os.environ.get("KSHARE_REQUIRE_DATA"),
                                 reason="apt-get install dataset-fashion-mnist (CI sets KSHARE_REQUIRE_DATA)")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -91,7 +91,7 @@ def test_rerun_skips_finished_runs_and_refuses_other_settings(smoke: tuple[Path,
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(kshare.reproduce, "finetune", no_training)
+    monkeypatch.setattr(paper_study, "finetune", no_training)
     assert module.main(["--preset", "smoke", "--out", str(out), "--docs", str(docs)]) == 0
     assert json.loads(out.read_text())["runs"] == json.loads(before)["runs"]
     assert module.main(["--preset", "smoke", "--seeds", "5", "--out", str(out), "--no-docs"]) == 2

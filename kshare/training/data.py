@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from kshare.errors import DataError
 
@@ -281,3 +282,11 @@ class Adapter:
             mask = torch.rand(x.shape[0], device=x.device) < 0.5
             x = torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
         return x.contiguous()
+
+
+def input_channels(model: nn.Module) -> int:
+    """The channels the model's first convolution expects."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if conv is None:
+        raise DataError("the model has no convolution: kshare feeds images to CNNs")
+    return conv.in_channels

@@ -1,35 +1,28 @@
-"""Export a (tied) model so that every shared tensor is stored once: ONNX and safetensors.
+"""Export a (tied) model to ONNX with every shared tensor stored once.
 
-ONNX: PyTorch's TorchScript-based exporter (`dynamo=False`) emits one initializer per
+PyTorch's TorchScript-based exporter (`dynamo=False`) emits one initializer per
 parameter object, so a tied kernel is one initializer used by many Conv nodes. The
 `torch.export`-based exporter has open problems with tied parameters, so kshare does not
 use it. `export_onnx` checks the result: the file must not be much larger than the model's
 unique tensors.
-
-safetensors refuses tensors that share memory; kshare stores each shared tensor once and
-records the other names in the file's metadata, next to the source spec and the plan, so
-`kshare.load` re-ties a model from a `.safetensors` file as from a checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from kshare.checkpoint import atomic_write, checkpoint_payload, state_bytes
-from kshare.errors import CheckpointError, ExportError
-from kshare.graph import parse_input_size
-from kshare.relax import is_relaxed
-from kshare.safeio import safe_load
-from kshare.zoo import default_input_size, spec_of
+from kshare._files import atomic_write
+from kshare.analysis.inspect import parse_input_size
+from kshare.errors import ExportError
+from kshare.io.payload import state_bytes
+from kshare.models.zoo import default_input_size, spec_of
+from kshare.surgery.relax import is_relaxed
 
-SAFETENSORS_FORMAT = "kshare.safetensors/1"
 ONNX_SLACK = 1.05
 
 
@@ -79,40 +72,3 @@ def export_onnx(
     finally:
         for m, flag in flags:
             m.training = flag
-
-
-def export_safetensors(model: nn.Module, path: str | Path) -> Path:
-    """Write the unique tensors plus spec, plan and alias table as safetensors metadata."""
-    from safetensors.torch import save_file
-
-    payload = checkpoint_payload(model)
-    tensors = {k: v.contiguous().clone() for k, v in payload["state"].items()}
-    metadata = {
-        "format": SAFETENSORS_FORMAT,
-        "kshare_version": str(payload["kshare_version"]),
-        "spec": json.dumps(payload["spec"]),
-        "plan": json.dumps(payload["plan"]),
-        "aliases": json.dumps(payload["aliases"]),
-    }
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-
-
-def read_safetensors(path: str | Path) -> dict[str, Any]:
-    """A safetensors export as a checkpoint payload (for `kshare.checkpoint.restore`)."""
-    from safetensors import safe_open
-
-    tensors = safe_load(path, CheckpointError)
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-        if meta.get("format") != SAFETENSORS_FORMAT:
-            raise CheckpointError(f"{path} is a safetensors file, but not one kshare exported (no format marker)")
-        return {
-            "format": meta["format"],
-            "spec": json.loads(meta["spec"]),
-            "plan": json.loads(meta["plan"]),
-            "aliases": json.loads(meta["aliases"]),
-            "state": tensors,
-        }
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} has damaged kshare metadata: {exc}") from None

@@ -7,10 +7,10 @@ import re
 import shlex
 from pathlib import Path
 
-from kshare.reproduce import _jsonable, read_study
-from kshare.results import results_page, retrofit_table
+from paper_study import _jsonable, read_study
+from results_page import results_page, retrofit_table
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "results.md"
 
 
@@ -51,7 +51,9 @@ def test_retrofit_rows_that_are_the_same_model_say_so() -> None:
 
 def test_readme_claim_lora_auto_beats_stage_at_its_size_on_both_trained_baselines() -> None:
     """The README's issue-6 claim, checked against the published sweeps it cites."""
-    from kshare.sweep import matched_comparisons, read_sweep
+    from sweep_pages import matched_comparisons
+
+    from kshare.sweep import read_sweep
 
     for name in ("sweep_densenet_trained.json", "sweep_densenet_trained_seed1.json"):
         payload = read_sweep(ROOT / "docs" / "results" / name)

@@ -14,9 +14,9 @@ from typing import Any
 
 from torch import nn
 
+from kshare.analysis.inspect import ConvSite, Inspection
+from kshare.analysis.signature import MATCH_MODES, Signature, is_conv
 from kshare.errors import PlanError
-from kshare.graph import ConvSite, Inspection
-from kshare.signature import MATCH_MODES, Signature, is_conv
 
 PLAN_FORMAT = "kshare.plan/1"
 
@@ -32,7 +32,7 @@ class Group:
     params_saved: int
     bytes_saved: int
     init: str = "first"
-    error: float | None = None  # relative squared error of sharing the init kernel (budget plans)
+    error: float | None = None  # relative squared error of sharing the init kernel
     ranks: tuple[int, ...] = ()  # each member's LoRA rank, when a budget plan chose them (lora:auto)
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,7 +109,7 @@ class SharingPlan:
     input_size: tuple[int, ...] = ()
     method: str = ""
     notes: tuple[str, ...] = field(default=())
-    relax: str = "none"  # per-member relaxation on top of each shared kernel (kshare.relax)
+    relax: str = "none"  # per-member relaxation on top of each shared kernel (kshare.planning.relaxation)
     relax_params: int = 0  # parameters the relaxation adds (already in `totals`)
 
     @property
@@ -228,7 +228,7 @@ def _saved(sets: Iterable[Sequence[str]], sizes: dict[str, tuple[int, int]]) -> 
     return params, nbytes
 
 
-def make_plan(
+def assemble_plan(
     inspection: Inspection,
     groups: Sequence[Sequence[ConvSite]],
     unshared: Sequence[Unshared],

@@ -23,33 +23,15 @@ import heapq
 import torch
 from torch import nn
 
-from kshare.errors import PlanError, PolicyError
-from kshare.graph import ConvSite, Inspection
-from kshare.plan import Group, SharingPlan, Unshared, make_plan
-from kshare.policy import Policy, build_plan, candidate_sites
-from kshare.relax import Relaxation, fit_residual, with_relaxation
-from kshare.surgery import _initial, _medoid
-
-
-def parse_budget(spec: str) -> float | None:
-    """`budget:F` → F (0 < F <= 1); None for any other policy string."""
-    if not spec.startswith("budget:"):
-        return None
-    try:
-        fraction = float(spec.removeprefix("budget:"))
-    except ValueError:
-        raise PolicyError(f"bad budget in {spec!r}: expected budget:F with 0 < F <= 1") from None
-    if not 0.0 < fraction <= 1.0:
-        raise PolicyError(f"budget must be in (0, 1], got {fraction}")
-    return fraction
-
-
-def _vector(module: nn.Module, share_bias: bool) -> torch.Tensor:
-    parts = [module.weight.detach().double().flatten()]
-    if share_bias and module.bias is not None:
-        parts.append(module.bias.detach().double().flatten())
-    return torch.cat(parts)
-
+from kshare.analysis.inspect import ConvSite, Inspection
+from kshare.errors import PlanError
+from kshare.kernels import fit_residual
+from kshare.planning.config import BudgetConfig, PositionalConfig, SharingConfig
+from kshare.planning.plan import Group, SharingPlan, Unshared, assemble_plan
+from kshare.planning.positional import plan_positional
+from kshare.planning.reconstruction import kernel_norm, kernel_vector, with_errors
+from kshare.planning.relaxation import Relaxation, with_relaxation
+from kshare.planning.select import candidate_sites, in_execution_order
 
 Partition = dict[tuple[object, ...], list[int]]  # signature key → a cluster label per site of that class
 
@@ -129,12 +111,20 @@ def _sse(x: torch.Tensor, labels: list[int]) -> float:
     return total
 
 
-def budget_plan(model: nn.Module, inspection: Inspection, fraction: float, policy: Policy,
+def plan_budget(model: nn.Module, inspection: Inspection, config: BudgetConfig, source: str | None = None
+                ) -> SharingPlan:
+    """The planner of `BudgetConfig`: `budget_plan` at the config's fraction and relaxation."""
+    return budget_plan(model, inspection, config.fraction, config, source=source, relaxation=config.relax)
+
+
+def budget_plan(model: nn.Module, inspection: Inspection, fraction: float, policy: SharingConfig,
                 source: str | None = None, relaxation: Relaxation | None = None) -> SharingPlan:
     """Group isomorphic kernels by similarity until conv parameters are at most `fraction` of now.
 
-    A relaxation's per-member parameters count against the budget too: the kernel budget is
-    searched (bisection) for the plan that, relaxed, stores the most without exceeding it.
+    `policy` gives the selection (match, include/exclude, bias sharing; its own relaxation is
+    ignored: `relaxation` is the one counted). A relaxation's per-member parameters count
+    against the budget too: the kernel budget is searched (bisection) for the plan that,
+    relaxed, stores the most without exceeding it.
     """
     relaxation = relaxation or Relaxation()
     search = _KernelSearch(model, inspection, policy)
@@ -173,7 +163,7 @@ class _KernelSearch:
     repeats only the clustering.
     """
 
-    def __init__(self, model: nn.Module, inspection: Inspection, policy: Policy) -> None:
+    def __init__(self, model: nn.Module, inspection: Inspection, policy: SharingConfig) -> None:
         self.model, self.inspection, self.policy = model, inspection, policy
         modules = dict(model.named_modules())
         self.candidates, self.unshared = candidate_sites(inspection, policy)
@@ -183,7 +173,7 @@ class _KernelSearch:
         self.sites: dict[tuple[object, ...], list[ConvSite]] = {}
         for site in self.candidates:
             self.sites.setdefault(site.signature.key(policy.match), []).append(site)
-        self.classes = {k: torch.stack([_vector(modules[s.name], policy.share_bias) for s in v])
+        self.classes = {k: torch.stack([kernel_vector(modules[s.name], policy.share_bias) for s in v])
                         for k, v in self.sites.items()}
         self.sizes = {k: int(x.shape[1]) for k, x in self.classes.items()}
         self.before = inspection.stats.conv_params
@@ -202,9 +192,10 @@ class _KernelSearch:
 
     def positional(self) -> list[Partition]:
         if self._positional is None:
+            selection = self.policy.selection | {"min_size": 2}
             self._positional = [
-                _partition(build_plan(self.inspection, dataclasses.replace(self.policy, scope=scope, chunk=chunk,
-                                                                           min_size=2)), self.sites)
+                _partition(plan_positional(self.inspection, PositionalConfig(scope=scope, chunk=chunk, **selection)),
+                           self.sites)
                 for scope in ("all", "stage")
                 for chunk in (None, *range(2, max(len(v) for v in self.sites.values()) if self.sites else 2))]
         return self._positional
@@ -236,9 +227,8 @@ class _KernelSearch:
         grouped = {s.name for g in groups for s in g}
         unshared = self.unshared + [Unshared(s.name, "kept on its own: the budget is met without it")
                                     for s in self.candidates if s.name not in grouped]
-        order = {s.name: s.order for s in self.inspection.sites}
-        unshared.sort(key=lambda u: order.get(u.name, len(order)))
-        plan = make_plan(self.inspection, groups, unshared, policy=f"budget:{fraction:g}", match=self.policy.match,
+        unshared = in_execution_order(self.inspection, unshared)
+        plan = assemble_plan(self.inspection, groups, unshared, policy=f"budget:{fraction:g}", match=self.policy.match,
                          share_bias=self.policy.share_bias, source=source)
         plan = dataclasses.replace(plan, groups=tuple(dataclasses.replace(g, init="mean") for g in plan.groups))
         return with_errors(self.model, plan) if errors else plan
@@ -259,7 +249,7 @@ class _RankAllocation:
     def __init__(self, search: _KernelSearch, relaxation: Relaxation, steps: int = 24) -> None:
         self.search, self.relaxation, self.steps = search, relaxation, steps
         self.modules = dict(search.model.named_modules())
-        self.norm = _kernel_norm(self.modules, search.inspection, search.policy.share_bias)
+        self.norm = kernel_norm(self.modules, search.inspection, search.policy.share_bias)
         self._spectra: dict[tuple[str, ...], list[_Spectrum]] = {}
 
     def spectra(self, group: Group) -> list[_Spectrum]:
@@ -347,40 +337,3 @@ def _partition(plan: SharingPlan, sites: dict[tuple[object, ...], list[ConvSite]
     return {k: [group_of.get(s.name, -1 - i) for i, s in enumerate(v)] for k, v in sites.items()}
 
 
-def group_error(model: nn.Module, group: Group, share_bias: bool) -> float:
-    """Relative squared error of replacing each member's kernel (and bias) by the group's init."""
-    modules = dict(model.named_modules())
-    convs = [modules[m] for m in group.members]
-    weights = [c.weight.detach() for c in convs]
-    medoid = _medoid(torch.stack(weights)) if group.init == "medoid" else 0
-    tensors = [weights]
-    if share_bias and all(c.bias is not None for c in convs):
-        tensors.append([c.bias.detach() for c in convs])
-    sse = norm = 0.0
-    for members in tensors:
-        centre = _initial(members, group.init, medoid).double()
-        sse += sum(float((m.double() - centre).square().sum()) for m in members)
-        norm += sum(float(m.double().square().sum()) for m in members)
-    return sse / max(norm, 1e-30)
-
-
-def with_errors(model: nn.Module, plan: SharingPlan) -> SharingPlan:
-    """The plan with each group's relative reconstruction error filled in (for its init)."""
-    groups = tuple(dataclasses.replace(g, error=group_error(model, g, plan.share_bias)) for g in plan.groups)
-    return dataclasses.replace(plan, groups=groups)
-
-
-def _kernel_norm(modules: dict[str, nn.Module], inspection: Inspection, share_bias: bool) -> float:
-    """Squared norm of every conv kernel (and bias, if shared): what relative errors divide by."""
-    return sum(float(_vector(modules[s.name], share_bias).square().sum()) for s in inspection.sites)
-
-
-def total_error(model: nn.Module, plan: SharingPlan, inspection: Inspection) -> float:
-    """Squared reconstruction error of all groups over the squared norm of all conv kernels."""
-    modules = dict(model.named_modules())
-    norm = _kernel_norm(modules, inspection, plan.share_bias)
-    sse = 0.0
-    for group in plan.groups:
-        sse += group_error(model, group, plan.share_bias) * sum(
-            float(_vector(modules[m], plan.share_bias).square().sum()) for m in group.members)
-    return sse / max(norm, 1e-30)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kshare.data import Adapter, ImageData
-from kshare.train import Runtime, _batches, input_channels
+from kshare.training.data import Adapter, ImageData, input_channels
+from kshare.training.runtime import Runtime, index_batches
 
 BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
 
@@ -44,7 +44,7 @@ def recalibrate_bn(model: nn.Module, data: ImageData, *, images: int = 2048, bat
             m.momentum = None  # cumulative average over the calibration batches
             m.train()
         n = min(images, len(data.labels))
-        for idx in _batches(n, batch_size, Runtime(0, 1, device), None):
+        for idx in index_batches(n, batch_size, Runtime(0, 1, device), None):
             model(adapter(data.images[idx].to(device)))
     finally:
         for m, momentum, training in saved:

@@ -10,7 +10,7 @@ Two settings on one dataset:
 
 Every run is a `RunRecord` (JSON-ready); the study file is rewritten after each run and runs
 already in it are skipped, so an interrupted study continues where it stopped.
-`kshare.results` turns the records into tables and plots.
+`results_page` (next to this file) turns the records into tables and plots.
 """
 
 from __future__ import annotations
@@ -26,13 +26,9 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from kshare.api import plan
-from kshare.checkpoint import load
-from kshare.data import Adapter, ImageData, load_data
+from kshare import TrainConfig, evaluate, finetune, load, load_data, load_model, plan, tie
 from kshare.errors import StudyError
-from kshare.surgery import tie
-from kshare.train import TrainConfig, evaluate, finetune, input_channels
-from kshare.zoo import load_model
+from kshare.training.data import Adapter, ImageData, input_channels
 
 STUDY_FORMAT = "kshare.study/1"
 
@@ -174,12 +170,12 @@ def _accuracy(model: nn.Module, data: ImageData, arch: Arch) -> float:
 
 
 def _train(model: nn.Module, arch: Arch, epochs: int, lr: float, seed: int, train: ImageData, test: ImageData,
-           out: Path, console: Console, teacher: nn.Module | None = None) -> tuple[dict[str, Any], float]:
+           out: Path, teacher: nn.Module | None = None) -> tuple[dict[str, Any], float]:
     config = TrainConfig(epochs=epochs, lr=lr, batch_size=arch.batch_size, seed=seed, warmup_epochs=0.0,
                          distill=teacher is not None, image_size=arch.image_size)
     out.with_suffix(".metrics.jsonl").unlink(missing_ok=True)
     start = time.perf_counter()
-    summary = finetune(model, train, test, config, out, teacher=teacher, console=console)
+    summary = finetune(model, train, test, config, out, teacher=teacher)
     return summary, time.perf_counter() - start
 
 
@@ -216,7 +212,7 @@ def run_study(study: Study, path: str | Path, work: str | Path, console: Console
         if policy != "none":
             tie(model, policy)
         out = work / f"{arch.slug}-{policy}-s{seed}.pt"
-        summary, seconds = _train(model, arch, arch.epochs, arch.lr, seed, train, test, out, console)
+        summary, seconds = _train(model, arch, arch.epochs, arch.lr, seed, train, test, out)
         record(RunRecord(key, "scratch", arch.label, policy, seed, arch.epochs, _params(model), out.stat().st_size,
                          _accuracy(model, train_eval, arch), summary["history"][-1]["test_acc"], seconds,
                          init="random" if policy != "none" else None, history=summary["history"]))
@@ -238,7 +234,7 @@ def run_study(study: Study, path: str | Path, work: str | Path, console: Console
                       f"{epochs} fine-tune epochs", soft_wrap=True)
         out = work / f"{arch.slug}-{policy}-{init}-{'kd' if distill else 'ce'}-s{seed}.pt"
         summary, seconds = _train(model, arch, epochs, arch.lr * study.retrofit_lr_scale, seed, train, test, out,
-                                  console, teacher)
+                                  teacher)
         record(RunRecord(key, "retrofit", arch.label, policy, seed, epochs, _params(model), out.stat().st_size,
                          _accuracy(model, train_eval, arch), summary["history"][-1]["test_acc"], seconds,
                          init=init, distill=distill, acc_before=before, baseline_acc=baseline.test_acc,

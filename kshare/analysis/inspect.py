@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from kshare.errors import InputSizeError, InspectError
-from kshare.relax import shared_kernel
-from kshare.signature import Signature, is_conv
+from kshare.analysis.signature import Signature, is_conv
+from kshare.errors import InputSizeError, InspectError, param
+from kshare.kernels import shared_kernel
 
 METHODS = ("auto", "fx", "hooks")
 
@@ -100,8 +100,8 @@ def _first_line(exc: BaseException) -> str:
 def _canonical_names(model: nn.Module) -> dict[int, str]:
     """id(parameter) -> the first name it is registered under (aliases share one name)."""
     names: dict[int, str] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), name)
+    for name, tensor in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(tensor), name)
     return names
 
 
@@ -282,7 +282,7 @@ def inspect_model(
             except Exception as exc:
                 raise InspectError(
                     f"the model failed on an example input of size {','.join(map(str, size))} "
-                    f"({_first_line(exc)}); pass a size it accepts with --input-size C,H,W"
+                    f"({_first_line(exc)}); pass a size it accepts as {param('input_size', 'C,H,W')}"
                 ) from None
 
     canon = _canonical_names(model)

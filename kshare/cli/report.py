@@ -10,8 +10,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from kshare.analysis.signature import Signature
 from kshare.api import Analysis
-from kshare.plan import SharingPlan
+from kshare.planning.plan import SharingPlan
 
 
 def count(n: float) -> str:
@@ -72,7 +73,7 @@ def render_analysis(analysis: Analysis, console: Console) -> None:
             table.add_row(*row, *([_ranks(g.ranks)] if ranks else []))
         console.print(table)
         if errors:
-            console.print("rel. error: ‖members − shared kernel‖² / ‖members‖² with the group's init (mean)")
+            console.print("rel. error: ‖members − shared kernel‖² / ‖members‖² with each group's init")
     for note in plan.notes:
         console.print(f"[yellow]{note}[/]")
 
@@ -127,8 +128,6 @@ def _groups_table(groups: list[dict[str, Any]], title: str) -> Table:
     ranks = any(g.get("ranks") for g in groups)
     if ranks:
         table.add_column("delta ranks", overflow="fold")
-    from kshare.signature import Signature
-
     for g in groups:
         row = [g["name"], Signature.from_dict(g["signature"]).describe(), str(len(g["members"])), g["init"],
                _members(tuple(g["members"])), count(g["params_saved"])]

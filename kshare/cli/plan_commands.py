@@ -1,0 +1,248 @@
+"""Commands that choose, apply and store sharing: `analyze`, `apply`, `info`, `export`, `fold`,
+`models`. Each parses its options, calls the Python API and renders the result."""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import inspect
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.console import Console
+from torch import nn
+
+from kshare.analysis.inspect import METHODS
+from kshare.analysis.signature import MATCH_MODES
+from kshare.api import Analysis, tie
+from kshare.api import analyze as analyze_model
+from kshare.cli.app import (
+    F,
+    InputSizeOpt,
+    KwargOpt,
+    ModelArg,
+    TrustOpt,
+    WeightsOpt,
+    app,
+    choice,
+    one_line_errors,
+)
+from kshare.cli.report import analysis_json, render_analysis, render_applied, render_info
+from kshare.cli.report import size as size_text
+from kshare.errors import ExportError, PlanError
+from kshare.io.checkpoint import load, save, summarize
+from kshare.io.onnx_export import export_onnx
+from kshare.io.safetensors_io import export_safetensors
+from kshare.kernels import INITS
+from kshare.models.zoo import catalog, load_model, parse_kwargs
+from kshare.planning.config import POLICY_HELP, SharingConfig, parse_config
+from kshare.planning.plan import SharingPlan
+from kshare.planning.relaxation import RELAX_HELP
+from kshare.surgery.fold import fold
+from kshare.surgery.tie import plan_of
+
+DEFAULT_MODEL = "kshare:convmixer_256_16"
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What `analyze` and `apply` are asked: a model, how to build it, and a sharing config."""
+
+    model: str
+    groups: str
+    match: str
+    include: list[str] | None
+    exclude: list[str] | None
+    min_size: int
+    share_bias: bool
+    input_size: str | None
+    weights: Path | None
+    kwarg: list[str] | None
+    trace: str
+    relax: str | None
+
+    def config(self) -> SharingConfig:
+        choice(self.match, MATCH_MODES, "--match")
+        return parse_config(self.groups, match=self.match, include=tuple(self.include or ()),
+                            exclude=tuple(self.exclude or ()), min_size=self.min_size, share_bias=self.share_bias,
+                            relax=self.relax)
+
+    def build(self) -> tuple[nn.Module, Any]:
+        with Console(stderr=True).status(f"building {self.model}…"):
+            return load_model(self.model, parse_kwargs(self.kwarg), self.weights)
+
+    def analyze(self) -> tuple[nn.Module, Analysis]:
+        """Build the model and plan it."""
+        config = self.config()
+        choice(self.trace, METHODS, "--trace")
+        net, spec = self.build()
+        # a budget plan clusters every kernel, many times over with a relaxation: up to a minute on resnet50
+        relaxed = "" if not config.relax.active else f" with {config.relax.name}"
+        with Console(stderr=True).status(f"planning {config.name}{relaxed}…"):
+            return net, analyze_model(net, config, input_size=self.input_size, method=self.trace, spec=spec)
+
+
+_PLAN_OPTIONS: list[tuple[str, Any, Any]] = [  # name, annotation, default: declared once for both commands
+    ("model", ModelArg, DEFAULT_MODEL),
+    ("groups", Annotated[str, typer.Option("--groups", "-g", help=f"Sharing policy: {POLICY_HELP}.")], "all"),
+    ("match", Annotated[str, typer.Option(help="strict: all conv settings equal; shape: weight shape only.")],
+     "strict"),
+    ("include", Annotated[list[str] | None,
+                          typer.Option("--include", help="Only layers matching this glob (repeatable).")], None),
+    ("exclude", Annotated[list[str] | None,
+                          typer.Option("--exclude", help="Never share layers matching this glob (repeatable).")],
+     None),
+    ("min_size", Annotated[int, typer.Option(help="Smallest group worth forming.")], 2),
+    ("share_bias", Annotated[bool, typer.Option(help="Share biases along with kernels.")], True),
+    ("input_size", InputSizeOpt, None),
+    ("weights", WeightsOpt, None),
+    ("kwarg", KwargOpt, None),
+    ("trace", Annotated[str, typer.Option(help="How to find the convs: auto (FX, else hooks), fx, hooks.")], "auto"),
+    ("relax", Annotated[str | None, typer.Option(help=f"Per-member parameters on the shared kernel: {RELAX_HELP}; "
+                                                      "counted in every figure and in a budget "
+                                                      "(default: none; with --plan, the plan's own).")], None),
+]
+
+
+def with_plan_options(fn: Callable[..., Any]) -> F:
+    """Give a command the model and sharing options above; it receives them as one `PlanRequest`."""
+    signature = inspect.signature(fn, eval_str=True)  # typer reads the annotations of the signature set below
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+             for name, annotation, default in _PLAN_OPTIONS]
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in signature.parameters.values()
+           if p.name != "request"]
+
+    @functools.wraps(fn)
+    def command(**kwargs: Any) -> Any:
+        request = PlanRequest(**{name: kwargs.pop(name) for name, _, _ in _PLAN_OPTIONS})
+        return fn(request=request, **kwargs)
+
+    command.__signature__ = signature.replace(parameters=[*added, *own])  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in [*added, *own]} | {"return": signature.return_annotation}
+    return command  # type: ignore[return-value]
+
+
+@app.command()
+@one_line_errors
+@with_plan_options
+def analyze(
+    request: PlanRequest,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON for scripts.")] = False,
+) -> None:
+    """Show which convolutions could share a kernel under a policy, and what it saves."""
+    _, result = request.analyze()
+    if as_json:
+        typer.echo(analysis_json(result))
+    else:
+        render_analysis(result, Console())
+
+
+@app.command()
+@one_line_errors
+@with_plan_options
+def apply(
+    request: PlanRequest,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (atomically).")],
+    plan: Annotated[Path | None, typer.Option(help="Apply this plan JSON instead of a policy.")] = None,
+    init: Annotated[str | None, typer.Option(help="Shared kernel from the members': first, mean, medoid, norm_mean "
+                                                  "(default: the plan's own; budget plans use mean, others first).")
+                    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random init (models built without --weights).")] = 0,
+) -> None:
+    """Tie the sharing groups of a model and save it: each shared kernel is stored once.
+
+    `--groups none` saves the model untied: a baseline checkpoint for `finetune`, `eval`,
+    `--teacher` and `sweep`.
+    """
+    if init is not None:
+        choice(init, INITS, "--init")
+    torch.manual_seed(seed)
+    if request.groups == "none" and plan is None:
+        net, spec = request.build()
+        path = save(net, out, spec=spec)
+        render_applied(None, path, Console())
+        return
+    if plan is not None:
+        if not plan.is_file():
+            raise PlanError(f"plan file not found: {plan}")
+        chosen = SharingPlan.from_json(plan.read_text())
+        net, spec = request.build()
+    else:
+        net, result = request.analyze()
+        chosen, spec = result.plan, result.spec
+    tie(net, chosen, init=init, relax=request.relax)
+    path = save(net, out, spec=spec)
+    render_applied(plan_of(net), path, Console())
+
+
+@app.command()
+@one_line_errors
+def info(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `kshare apply` or kshare.save.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """Show a checkpoint's source, plan, groups and parameter and byte figures."""
+    summary = summarize(checkpoint)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        render_info(summary, Console())
+
+
+@app.command()
+@one_line_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A kshare checkpoint.")],
+    onnx: Annotated[Path | None, typer.Option(help="Write ONNX here (one initializer per shared kernel).")] = None,
+    safetensors: Annotated[Path | None, typer.Option(help="Write safetensors here (shared tensors once).")] = None,
+    input_size: InputSizeOpt = None,
+    opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 17,
+    model: Annotated[
+        str | None, typer.Option(help="Architecture to load into, for checkpoints of models kshare cannot rebuild.")
+    ] = None,
+    trust_code: TrustOpt = False,
+) -> None:
+    """Export a checkpoint to ONNX and/or safetensors, keeping shared tensors shared."""
+    if onnx is None and safetensors is None:
+        raise ExportError("nothing to export: pass --onnx FILE and/or --safetensors FILE")
+    net = load(checkpoint, load_model(model)[0] if model else None, trust_code=trust_code)
+    console = Console()
+    if onnx is not None:
+        with Console(stderr=True).status("exporting ONNX…"):
+            export_onnx(net, onnx, input_size=input_size, opset=opset)
+        console.print(f"wrote {onnx} ({size_text(onnx.stat().st_size)})")
+    if safetensors is not None:
+        export_safetensors(net, safetensors)
+        console.print(f"wrote {safetensors} ({size_text(safetensors.stat().st_size)})")
+
+
+@app.command("fold")
+@one_line_errors
+def fold_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A tied (optionally relaxed) kshare checkpoint.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the plain model.")],
+    trust_code: TrustOpt = False,
+) -> None:
+    """Bake every member's kernel into a plain convolution (no sharing, same outputs)."""
+    net = load(checkpoint, trust_code=trust_code)
+    plan = plan_of(net)
+    fold(net)
+    path = save(net, out)
+    what = f"relaxation {plan.relax}, " if plan and plan.relax != "none" else ""
+    typer.echo(f"folded {what}{len(plan.groups) if plan else 0} groups into plain convolutions; "
+               f"wrote {path} ({size_text(path.stat().st_size)})")
+
+
+@app.command()
+def models(
+    pattern: Annotated[str, typer.Argument(help="Glob on the name, e.g. 'resnet*'.")] = "*",
+) -> None:
+    """List the model names kshare can build (user models aside)."""
+    for ref in catalog():
+        if fnmatch.fnmatchcase(ref.partition(":")[2], pattern):
+            typer.echo(ref)

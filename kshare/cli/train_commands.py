@@ -1,0 +1,249 @@
+"""Commands that train and measure on data: `finetune`, `eval`, `calibrate`, `sweep`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from torch import nn
+
+from kshare.cli.app import (
+    DataOpt,
+    DataRootOpt,
+    DeviceOpt,
+    ImageSizeOpt,
+    KwargOpt,
+    LimitOpt,
+    TrustOpt,
+    WeightsOpt,
+    app,
+    choice,
+    csv,
+    one_line_errors,
+)
+from kshare.cli.plots import plot_sweep
+from kshare.cli.progress import progress_bars
+from kshare.errors import PlanError, PolicyError, StudyError, TrainingError, WeightsError
+from kshare.io.checkpoint import load, read, restore, save
+from kshare.kernels import INITS
+from kshare.models.zoo import load_model, parse_kwargs
+from kshare.surgery.tie import plan_of
+from kshare.sweep import SweepConfig, aggregate, pareto, run_sweep
+from kshare.training.calibrate import batch_norms, recalibrate_bn
+from kshare.training.data import Adapter, input_channels, load_data
+from kshare.training.loop import TrainConfig, check_classes, evaluate, resume_state
+from kshare.training.loop import finetune as run_finetune
+from kshare.training.runtime import runtime, shutdown
+
+
+@app.command()
+@one_line_errors
+def sweep(
+    source: Annotated[str, typer.Argument(help="An untied kshare checkpoint, or a model name (with --weights).")],
+    data: Annotated[str, typer.Option("--data", help="Dataset to evaluate (and fine-tune) on.")] = "fashion-mnist",
+    data_root: DataRootOpt = None,
+    weights: WeightsOpt = None,
+    kwarg: KwargOpt = None,
+    policies: Annotated[str, typer.Option(help="Positional policies, comma-separated.")] = "all,stage",
+    budgets: Annotated[str, typer.Option(help="Budget fractions, comma-separated (e.g. 0.3,0.5).")] = "",
+    relax: Annotated[str, typer.Option(help="Relaxations, comma-separated (none,scale,lora:2,lora:auto,...).")
+                     ] = "none",
+    match: Annotated[str, typer.Option(help="Also fit a budget plan per relaxation to these policies' sizes.")
+                     ] = "",
+    init: Annotated[str, typer.Option(help="Shared-kernel init for every point.")] = "mean",
+    epochs: Annotated[int, typer.Option(help="Fine-tune epochs per point (0: evaluate right after tying).")] = 0,
+    loss: Annotated[str, typer.Option(help="ce, kd (distil from the untied model) or ce,kd.")] = "ce",
+    lr: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 128,
+    seeds: Annotated[str, typer.Option(help="Fine-tune seeds, comma-separated (each point runs once per seed).")
+                     ] = "0",
+    size_tolerance: Annotated[float, typer.Option(help="--match admits plans up to this fraction larger "
+                                                       "(0.005: within 0.5%).")] = 0.0,
+    calibrate: Annotated[int, typer.Option(help="Re-estimate BatchNorm statistics on this many training images "
+                                                "after tying (0: off).")] = 0,
+    trust_code: TrustOpt = False,
+    image_size: ImageSizeOpt = None,
+    limit_train: LimitOpt = None,
+    limit_test: LimitOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Sweep JSON.")] = Path("sweep.json"),
+    plot: Annotated[Path | None, typer.Option(help="Pareto plot PNG (default: OUT with .png).")] = None,
+) -> None:
+    """Evaluate a grid of policies, budgets and relaxations on one trained model; JSON + Pareto plot."""
+    choice(init, INITS, "--init")
+    config = SweepConfig(policies=csv(policies), budgets=tuple(_fraction(b) for b in csv(budgets)),
+                         relaxations=csv(relax) or ("none",), match=csv(match), init=init, epochs=epochs,
+                         losses=csv(loss), lr=lr, batch_size=batch_size, image_size=image_size,
+                         seeds=tuple(_integer(x, "--seeds") for x in csv(seeds)), size_tolerance=size_tolerance,
+                         calibrate=calibrate)
+    baseline = None
+    if Path(source).is_file():
+        if weights is not None:
+            raise WeightsError("--weights is for a model name; a checkpoint already holds its weights")
+        payload = read(source)  # read once: the model and how it was trained
+        net = restore(payload, what=source, trust_code=trust_code)
+        if plan_of(net) is not None:
+            raise PlanError(f"{source} is already tied: sweep starts from the untied model (kshare apply -g none)")
+        baseline = payload.get("extra", {}).get("finetune")
+    else:
+        net, _ = load_model(source, parse_kwargs(kwarg), weights)
+    train_data = load_data(data, "train", data_root, image_size).subset(limit_train)
+    test_data = load_data(data, "test", data_root, image_size).subset(limit_test)
+    check_classes(net, test_data, Adapter.for_model(test_data, input_channels(net), image_size, False),
+                  next(net.parameters()).device)
+    with progress_bars() as progress:
+        rows = run_sweep(net, train_data, test_data, config, out, baseline=baseline, progress=progress)
+    picture = plot_sweep(rows, plot or out.with_suffix(".png"), f"{source} on {test_data.name}")
+    front = ", ".join(r.label + (f" ({r.loss})" if r.loss else "") for r in pareto(aggregate(rows)))
+    typer.echo(f"wrote {out} ({len(rows)} points) and {picture}; Pareto front: {front}")
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise PolicyError(f"bad budget {text!r}: expected a fraction such as 0.3") from None
+
+
+def _integer(text: str, option: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise StudyError(f"bad {option} value {text!r}: expected whole numbers such as 0,1,2") from None
+
+
+def _load_teacher(ref: str, weights: Path | None, trust_code: bool) -> nn.Module:
+    """A teacher from a kshare checkpoint, or a model name plus --teacher-weights (a teacher
+    with random weights would teach noise: refused)."""
+    if Path(ref).is_file():
+        if weights is not None:
+            raise TrainingError("--teacher-weights is for a model name; a checkpoint already holds its weights")
+        return load(ref, trust_code=trust_code)
+    if weights is None:
+        raise TrainingError(f"teacher {ref!r} is a model name without weights: pass --teacher-weights FILE "
+                            "or a trained kshare checkpoint as --teacher")
+    return load_model(ref, weights=weights)[0]
+
+
+@app.command()
+@one_line_errors
+def finetune(
+    checkpoint: Annotated[Path, typer.Argument(help="A kshare checkpoint, tied or not.")],
+    data: DataOpt = "fashion-mnist",
+    data_root: DataRootOpt = None,
+    epochs: Annotated[int, typer.Option(help="Total epochs (a resumed run continues up to this).")] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Images per step (per process under torchrun).")] = 128,
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd (Nesterov momentum).")] = "adamw",
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 0.05,
+    warmup: Annotated[float, typer.Option(help="Linear warm-up, in epochs (fractions allowed).")] = 0.0,
+    clip_grad: Annotated[float, typer.Option(help="Clip the gradient norm to this (0: off).")] = 0.0,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = 0.0,
+    distill: Annotated[bool, typer.Option(help="Add knowledge distillation from --teacher.")] = False,
+    teacher: Annotated[str | None, typer.Option(help="Teacher: a kshare checkpoint or a model name.")] = None,
+    teacher_weights: Annotated[Path | None, typer.Option(help="Weights for a teacher given by name.")] = None,
+    temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 4.0,
+    alpha: Annotated[float, typer.Option(help="Weight of the distillation term (CE gets 1 - alpha).")] = 0.5,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Checkpoint to write each epoch.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last completed epoch of the run writing --out.")
+                      ] = False,
+    metrics: Annotated[Path | None, typer.Option(help="Metrics JSONL (default: OUT.metrics.jsonl).")] = None,
+    image_size: ImageSizeOpt = None,
+    limit_train: LimitOpt = None,
+    limit_test: LimitOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed for init order, shuffling and augmentation.")] = 0,
+    device: DeviceOpt = None,
+    amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16, else fp16 with scaling).")] = True,
+    trust_code: TrustOpt = False,
+) -> None:
+    """Fine-tune a checkpoint on real data, keeping its sharing; optionally distil from a teacher."""
+    config = TrainConfig(
+        epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay,
+        warmup_epochs=warmup, clip_grad=clip_grad, label_smoothing=label_smoothing, distill=distill,
+        temperature=temperature, alpha=alpha, seed=seed, amp=amp, image_size=image_size,
+    )
+    if teacher is not None and not distill:
+        raise TrainingError("--teacher given without --distill")
+    out = out or checkpoint.with_name(checkpoint.stem + ".ft.pt")
+    net, state = resume_state(out, trust_code=trust_code) if resume else (load(checkpoint, trust_code=trust_code), None)
+    teacher_net = _load_teacher(teacher, teacher_weights, trust_code) if distill and teacher else None
+    train_data = load_data(data, "train", data_root, image_size).subset(limit_train)
+    test_data = load_data(data, "test", data_root, image_size).subset(limit_test)
+    try:
+        with progress_bars() as progress:
+            summary = run_finetune(net, train_data, test_data, config, out, teacher=teacher_net, resume=state,
+                                   metrics=metrics, device=device, progress=progress)
+    finally:
+        shutdown()
+    last = summary["history"][-1] if summary["history"] else None
+    if last is None:
+        typer.echo(f"nothing to do: {out} already has {epochs} epochs")
+    elif int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(f"done: test acc {last['test_acc']:.4f} after epoch {last['epoch']}; wrote {out}")
+
+
+@app.command("eval")
+@one_line_errors
+def evaluate_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A kshare checkpoint.")],
+    data: DataOpt = "fashion-mnist",
+    data_root: DataRootOpt = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 256,
+    image_size: ImageSizeOpt = None,
+    limit_test: LimitOpt = None,
+    device: DeviceOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    trust_code: TrustOpt = False,
+) -> None:
+    """Test accuracy and loss of a checkpoint on a dataset's test split."""
+    net = load(checkpoint, trust_code=trust_code)
+    test_data = load_data(data, "test", data_root, image_size).subset(limit_test)
+    rt = runtime(device)
+    net.to(rt.device)
+    adapter = Adapter.for_model(test_data, input_channels(net), image_size, augment=False)
+    check_classes(net, test_data, adapter, rt.device)
+    result = evaluate(net, test_data, adapter, batch_size, rt) | {"data": test_data.name}
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(f"{checkpoint}: test acc {result['acc']:.4f}, loss {result['loss']:.4f} "
+                   f"on {int(result['n'])} {test_data.name} images")
+
+
+@app.command()
+@one_line_errors
+def calibrate(
+    checkpoint: Annotated[Path, typer.Argument(help="A kshare checkpoint, usually just tied by `apply`.")],
+    data: DataOpt = "fashion-mnist",
+    data_root: DataRootOpt = None,
+    images: Annotated[int, typer.Option(help="Training images to estimate the statistics on.")] = 2048,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,
+    image_size: ImageSizeOpt = None,
+    limit_test: LimitOpt = None,
+    device: DeviceOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to save (default: overwrite CHECKPOINT).")
+                   ] = None,
+    trust_code: TrustOpt = False,
+) -> None:
+    """Re-estimate BatchNorm statistics after tying (no labels, no training); report test accuracy."""
+    if images < 1:
+        raise TrainingError(f"--images must be at least 1, got {images}")
+    net = load(checkpoint, trust_code=trust_code)
+    if not batch_norms(net):
+        raise TrainingError(f"{checkpoint} has no BatchNorm layer with running statistics: nothing to calibrate")
+    train_data = load_data(data, "train", data_root, image_size)
+    test_data = load_data(data, "test", data_root, image_size).subset(limit_test)
+    rt = runtime(device)
+    net.to(rt.device)
+    channels = input_channels(net)
+    test_adapter = Adapter.for_model(test_data, channels, image_size, augment=False)
+    check_classes(net, test_data, test_adapter, rt.device)
+    before = evaluate(net, test_data, test_adapter, rt=rt)["acc"]
+    layers = recalibrate_bn(net, train_data, images=images, batch_size=batch_size,
+                            adapter=Adapter.for_model(train_data, channels, image_size, augment=False))
+    after = evaluate(net, test_data, test_adapter, rt=rt)["acc"]
+    target = save(net.cpu(), out or checkpoint)
+    typer.echo(f"recalibrated {layers} BatchNorm layers on {min(images, len(train_data.labels)):,} "
+               f"{train_data.name} images: test acc {before:.4f} → {after:.4f}; wrote {target}")

@@ -1,0 +1,127 @@
+"""`save` and `load`: a checkpoint that stores each shared tensor once and re-ties on load.
+
+The file is the payload of `kshare.io.payload` (plain containers and tensors, so
+`torch.load(weights_only=True)` reads it): the source spec that rebuilds the architecture,
+the sharing plan, the state dict with each aliased tensor stored under one key, and the
+alias table for the others. It is written to a temporary file in the same folder and renamed
+over the target, so an interrupted save leaves the previous file intact. Loading a plain
+`load_state_dict` into an untied model would silently untie it; `load` ties from the plan
+first, then copies the state in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kshare._files import atomic_write, safe_load
+from kshare.errors import CheckpointError, KShareError, param
+from kshare.io.payload import CHECKPOINT_FORMAT, checkpoint_payload, expand_state, plan_from, spec_from
+from kshare.io.safetensors_io import read_safetensors
+from kshare.models.weights import check_state_fits
+from kshare.models.zoo import ModelSpec, attach_spec, build
+from kshare.surgery.tie import apply_plan
+
+
+def save(model: nn.Module, path: str | Path, *, spec: ModelSpec | None = None,
+         extra: Mapping[str, Any] | None = None) -> Path:
+    """Write `model` (tied or not) atomically; each shared tensor is stored once."""
+    payload = checkpoint_payload(model, spec, extra)
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp), CheckpointError)
+
+
+def read(path: str | Path) -> dict[str, Any]:
+    """Read and check a checkpoint's payload without building anything."""
+    payload = safe_load(path, CheckpointError)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a kshare checkpoint (no {CHECKPOINT_FORMAT!r} marker): "
+                              "pass a file written by `kshare apply` or kshare.save")
+    for key, kind in (("state", torch.Tensor), ("aliases", str)):
+        section = payload.get(key)
+        if not isinstance(section, dict):
+            raise CheckpointError(f"{path} is a damaged kshare checkpoint: no {key!r} section")
+        if not all(isinstance(k, str) and isinstance(v, kind) for k, v in section.items()):
+            raise CheckpointError(f"{path} is a damaged kshare checkpoint: its {key!r} section holds "
+                                  f"entries other than names of {kind.__name__}s")
+    return payload
+
+
+def restore(payload: Mapping[str, Any], model: nn.Module | None = None, what: str = "checkpoint",
+            trust_code: bool = False) -> nn.Module:
+    """Build (or take) the model, tie it from the plan, copy the state in.
+
+    A spec that rebuilds by importing or calling the user's code (`module:factory`,
+    `file.py:factory`) is built only with `trust_code`: otherwise a file would run code on load."""
+    spec = spec_from(payload, what)
+    if model is None:
+        if spec is None:
+            raise CheckpointError(
+                f"{what} holds a model kshare cannot rebuild: pass the model ({param('model')})"
+            )
+        if not trust_code and spec.runs_user_code:
+            raise CheckpointError(
+                f"{what} rebuilds its model by running {spec.name} (code outside kshare, torchvision and timm): "
+                f"if you trust the file, pass {param('trust_code', True)}, or pass the model"
+            )
+        try:
+            model = build(spec)
+        except KShareError as exc:
+            raise CheckpointError(f"cannot rebuild the model of {what}: {exc}") from None
+    if spec is not None:
+        attach_spec(model, spec)
+    state = expand_state(payload["state"], payload["aliases"])
+    plan = plan_from(payload)
+    if plan is not None:
+        try:
+            plan.validate(model)
+            apply_plan(model, plan)  # a relaxed plan renames the members' kernels: check the state after
+        except KShareError as exc:
+            raise CheckpointError(f"the plan in {what} does not fit the model: {exc}") from None
+    check_state_fits(model, state, CheckpointError, f"the tensors in {what}")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def load(path: str | Path, model: nn.Module | None = None, *, trust_code: bool = False) -> nn.Module:
+    """Load a kshare checkpoint (`.pt`, or a `.safetensors` export): tied exactly as saved.
+
+    `trust_code`: rebuild a model whose spec names the user's own code (see `restore`)."""
+    if Path(path).suffix == ".safetensors":
+        return restore(read_safetensors(path), model, what=str(path), trust_code=trust_code)
+    return restore(read(path), model, what=str(path), trust_code=trust_code)
+
+
+def summarize(path: str | Path) -> dict[str, Any]:
+    """Figures about a checkpoint, read without building the model (for `kshare info`)."""
+    payload = read(path)
+    plan = plan_from(payload)
+    unique, aliases = payload["state"], payload["aliases"]
+    stored = sum(t.numel() * t.element_size() for t in unique.values())
+    expanded = stored + sum(unique[t].numel() * unique[t].element_size() for t in aliases.values())
+    spec = spec_from(payload, str(path))
+    return {
+        "path": str(path),
+        "file_bytes": Path(path).stat().st_size,
+        "kshare_version": payload.get("kshare_version"),
+        "source": spec.ref if spec else None,
+        "kwargs": spec.kwargs if spec else {},
+        "tensors_stored": len(unique),
+        "aliases": len(aliases),
+        "stored_tensor_bytes": stored,
+        "untied_tensor_bytes": expanded,
+        "plan": plan.to_dict() if plan else None,
+        "training": _training_summary(payload.get("extra", {})),
+    }
+
+
+def _training_summary(extra: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The JSON-safe part of a fine-tune's record: epoch, settings, last metrics, resumable or not."""
+    record = extra.get("finetune") or extra.get("train_state")
+    if not isinstance(record, Mapping):
+        return None
+    keep = {k: record[k] for k in ("epoch", "data", "config", "metrics") if k in record}
+    return keep | {"resumable": "optimizer" in record}
