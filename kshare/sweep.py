@@ -29,18 +29,20 @@ from torch import nn
 
 from kshare.analysis.inspect import Inspection
 from kshare.api import analyze
-from kshare.errors import PlanError, StudyError
+from kshare.errors import PlanError, StudyError, param
 from kshare.io.checkpoint import save
 from kshare.models.zoo import spec_of
 from kshare.planning.budget import budget_plan
-from kshare.planning.config import PositionalConfig, SharingConfig
+from kshare.planning.config import PositionalConfig, SharingConfig, parse_config
 from kshare.planning.plan import SharingPlan
 from kshare.planning.relaxation import Relaxation
 from kshare.progress import ProgressFn
 from kshare.surgery.tie import apply_plan, plan_of
 from kshare.training.calibrate import recalibrate_bn
-from kshare.training.data import Adapter, ImageData, input_channels
-from kshare.training.loop import TrainConfig, evaluate, finetune
+from kshare.training.config import TrainConfig
+from kshare.training.data import ImageData, adapter_for, input_channels
+from kshare.training.evaluate import evaluate
+from kshare.training.loop import finetune
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,21 @@ class SweepConfig:
     def __post_init__(self) -> None:
         if not self.seeds:
             raise StudyError("a sweep needs at least one seed")
+        for fraction in self.budgets:
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not math.isfinite(fraction) \
+                    or not 0.0 < fraction <= 1.0:
+                raise StudyError(f"budget {fraction!r} is outside (0, 1]: a budget is the fraction of the conv "
+                                 "parameters a plan may keep")
+        for policy in (*self.policies, *self.match):
+            if not isinstance(parse_config(policy), PositionalConfig):
+                raise StudyError(f"{policy!r} is not a positional policy: give budgets as fractions "
+                                 f"({param('budgets')})")
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 0:
+            raise StudyError(f"{param('epochs')} must be 0 or more, got {self.epochs!r}")
+        if not all(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0 for seed in self.seeds):
+            raise StudyError(f"{param('seeds')} must be whole numbers from 0, got {list(self.seeds)}")
+        for seed in self.seeds:  # the checks a run makes, before the first point runs
+            TrainConfig(lr=self.lr, batch_size=self.batch_size, image_size=self.image_size, seed=seed)
         if self.calibrate < 0:
             raise StudyError(f"calibration images must be 0 or more, got {self.calibrate}")
         if not 0.0 <= self.size_tolerance < 1.0:
@@ -183,10 +200,9 @@ def run_sweep(model: nn.Module, train: ImageData, test: ImageData, config: Sweep
     `progress` follows each point's fine-tune; every point's result goes to the logger."""
     model = model.cpu().eval()
     channels = input_channels(model)
-    test_adapter = Adapter.for_model(test, channels, config.image_size, augment=False)
-    calibration_adapter = Adapter.for_model(train, channels, config.image_size, augment=False)
-    h, w = test.shape[1:] if config.image_size is None else (config.image_size, config.image_size)
-    points = _points(model, config, (channels, h, w))
+    test_adapter = adapter_for(model, test, config.image_size)
+    calibration_adapter = adapter_for(model, train, config.image_size)
+    points = _points(model, config, (channels, *(test_adapter.size or test.shape[1:])))
     rows: list[SweepRow] = []
     start = time.perf_counter()
     base_acc = evaluate(model, test, test_adapter)["acc"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from kshare.analysis.inspect import Inspection
@@ -32,3 +33,18 @@ def check_plan(model: nn.Module, insp: Inspection, plan: SharingPlan) -> None:
     unique = {p.data_ptr(): p.numel() for p in model.parameters()}
     assert plan.totals.params_before == sum(unique.values())
     assert plan.totals.params_after == plan.totals.params_before - expected_saved
+
+
+def trained_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """BatchNorm statistics and affine parameters as a trained network has them (random init
+    leaves them at 0/1, which hides every bug that folds BatchNorm into a kernel)."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
+            m.running_var.copy_(torch.rand(n, generator=gen) * 2 + 0.2)
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=gen) * 0.2)
+    return model

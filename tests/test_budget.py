@@ -16,7 +16,8 @@ from kshare.cli import app
 from kshare.errors import PlanError, PolicyError
 from kshare.planning.plan import SharingPlan
 from kshare.planning.reconstruction import total_error
-from kshare.training.loop import TrainConfig, finetune
+from kshare.training.config import TrainConfig
+from kshare.training.loop import finetune
 
 
 class TwoResolutions(nn.Module):

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "kshare"
 
 # Bottom up; a module may import its own layer (without cycles) and any layer below.
 LAYERS = (
-    ("core", ("kshare._version", "kshare.errors", "kshare._files", "kshare.progress")),
+    ("core", ("kshare._version", "kshare.errors", "kshare._checks", "kshare._files", "kshare.progress")),
     ("kernels", ("kshare.kernels",)),
     ("analysis", ("kshare.analysis",)),
     ("models", ("kshare.models",)),

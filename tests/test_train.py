@@ -22,18 +22,11 @@ from kshare.errors import TrainingError
 from kshare.kernels import shared_kernel
 from kshare.models.zoo import load_model
 from kshare.surgery.tie import plan_of
+from kshare.training.config import TrainConfig
 from kshare.training.data import FASHION_MNIST_ROOT, Adapter, ImageData, load_data
-from kshare.training.loop import (
-    TrainConfig,
-    config_changes,
-    distill_loss,
-    evaluate,
-    finetune,
-    fingerprint,
-    parameters_without_grad,
-    state_path,
-)
-from kshare.training.loop import _sync_metrics as sync_metrics
+from kshare.training.evaluate import evaluate
+from kshare.training.loop import distill_loss, finetune, fingerprint, parameters_without_grad
+from kshare.training.resume import config_changes, state_path, sync_metrics
 from kshare.training.runtime import Runtime
 from kshare.training.runtime import index_batches as _batches
 
@@ -321,6 +314,26 @@ def test_cli_eval_matches_finetune_metrics(digits_ckpt: Path, tmp_path: Path) ->
     assert info.exit_code == 0, info.output
     training = json.loads(info.output)["training"]
     assert training["epoch"] == 1 and training["resumable"] and training["data"] == "digits"
+
+
+def test_eval_feeds_the_model_as_it_was_trained_with_no_size_flag(digits_ckpt: Path, tmp_path: Path) -> None:
+    """A model fine-tuned at --image-size 16 is evaluated at 16, normalised as it was trained, with
+    no flag: the accuracy the run reported, exactly. Asked for another size, it warns."""
+    out = tmp_path / "big.pt"
+    result = runner.invoke(app, ["finetune", str(digits_ckpt), "--data", "digits", "--epochs", "1", "--out", str(out),
+                                 "--batch-size", "64", "--image-size", "16"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(out.with_suffix(".metrics.jsonl").read_text())
+    ev = runner.invoke(app, ["eval", str(out), "--data", "digits", "--json"])
+    assert ev.exit_code == 0, ev.output
+    assert json.loads(ev.output.splitlines()[-1])["acc"] == pytest.approx(row["test_acc"], abs=1e-12)
+    assert "size 8x8→16x16" in ev.output  # it says how it adapts the data
+    recipe = json.loads(runner.invoke(app, ["info", str(out), "--json"]).output)["input"]
+    assert recipe["input_size"] == [1, 16, 16] and recipe["data"] == "digits" and len(recipe["classes"]) == 10
+    other = runner.invoke(app, ["eval", str(out), "--data", "digits", "--image-size", "8"])
+    assert other.exit_code == 0 and "warning: the model was trained at 16x16" in other.output, other.output
+    loaded = kshare.load(out)  # the Python API feeds it the same way
+    assert kshare.evaluate(loaded, load_data("digits", "test"))["acc"] == pytest.approx(row["test_acc"], abs=1e-12)
 
 
 def test_distill_needs_teacher_api(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ model: it runs in eval mode under `no_grad`, and train/eval flags are restored a
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from kshare.errors import InputSizeError, InspectError, param
 from kshare.kernels import shared_kernel
 
 METHODS = ("auto", "fx", "hooks")
+MAX_INPUT_ELEMENTS = 3 * 2048 * 2048
 
 
 @dataclass(frozen=True)
@@ -76,19 +78,21 @@ class Inspection:
 
 
 def parse_input_size(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
-    """Accept `C,H,W` (or `C,L` / `C,D,H,W` for 1-D and 3-D convs) as text or a sequence."""
+    """Accept `C,H,W` (or `C,L` / `C,D,H,W` for 1-D and 3-D convs) as text or a sequence; at most
+    `MAX_INPUT_ELEMENTS` numbers in all, so an example input always fits in memory."""
     if isinstance(text, str):
         parts = [p.strip() for p in text.replace("x", ",").split(",")]
-        try:
-            dims = tuple(int(p) for p in parts)
-        except ValueError:
-            dims = ()
+        dims = tuple(int(p) for p in parts) if all(p.isascii() and p.isdigit() for p in parts) else ()
     else:
-        dims = tuple(int(d) for d in text)
-    if len(dims) < 2 or any(d <= 0 for d in dims):
+        dims = tuple(d for d in text if isinstance(d, int) and not isinstance(d, bool))
+        dims = dims if len(dims) == len(tuple(text)) else ()
+    if not 2 <= len(dims) <= 4 or any(d <= 0 for d in dims):
         raise InputSizeError(
             f"bad input size {text!r}: expected positive integers C,H,W such as 3,224,224"
         )
+    if math.prod(dims) > MAX_INPUT_ELEMENTS:
+        raise InputSizeError(f"input size {','.join(map(str, dims))} is too large: at most "
+                             f"{MAX_INPUT_ELEMENTS:,} numbers per example (e.g. 3,2048,2048)")
     return dims
 
 

@@ -14,9 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from kshare.errors import PolicyError
+from kshare._checks import Reader, is_int, items
+from kshare.errors import KShareError, PolicyError
 
 MATCH_MODES = ("strict", "shape")
+MAX_DIM = 1 << 24  # channels or kernel sides beyond this are not a convolution anyone can run
 
 ConvModule = nn.modules.conv._ConvNd
 
@@ -26,11 +28,6 @@ def is_conv(module: nn.Module) -> bool:
     return isinstance(module, ConvModule) and not isinstance(
         getattr(module, "weight", None), nn.parameter.UninitializedParameter
     )
-
-
-def _tuple(value: Any) -> Any:
-    """JSON turns tuples into lists; turn them back so signatures compare equal."""
-    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 @dataclass(frozen=True)
@@ -114,6 +111,29 @@ class Signature:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Signature:
-        return cls(**{k: _tuple(v) for k, v in data.items()})
+    def from_dict(cls, data: Any, where: str = "signature", error: type[KShareError] = PolicyError) -> Signature:
+        """Read a signature from JSON, refusing any field of the wrong kind (a file may hold anything)."""
+        r = Reader(data, where, error)
+        dims = items("a positive whole number", lambda v: is_int(v) and 0 < v <= MAX_DIM, error)
+        offsets = items("a whole number from 0", lambda v: is_int(v) and 0 <= v <= MAX_DIM, error)
+        padding = data.get("padding") if isinstance(data, dict) else None
+        dtype = r.str("dtype")
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise r.fail("dtype", "a torch dtype name such as float32")
+        return cls(
+            conv_type=r.str("conv_type"),
+            in_channels=r.int("in_channels", low=1, high=MAX_DIM),
+            out_channels=r.int("out_channels", low=1, high=MAX_DIM),
+            kernel_size=tuple(r.list("kernel_size", dims, low=1, high=3)),
+            stride=tuple(r.list("stride", dims, low=1, high=3)),
+            padding=r.str("padding", choices=("same", "valid")) if isinstance(padding, str) else tuple(
+                r.list("padding", offsets, low=1, high=3)),
+            dilation=tuple(r.list("dilation", dims, low=1, high=3)),
+            groups=r.int("groups", low=1, high=MAX_DIM),
+            bias=r.bool("bias"),
+            padding_mode=r.str("padding_mode"),
+            output_padding=tuple(r.list("output_padding", offsets, low=0, high=3)),
+            dtype=dtype,
+            weight_shape=tuple(r.list("weight_shape", dims, low=3, high=5)),
+        )
 

@@ -9,16 +9,45 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperGroup
 
 from kshare._version import __version__
 from kshare.errors import KShareError, OptionError
 from kshare.training.data import NAMES as DATA_NAMES
+
+try:  # typer that carries its own copy of click: its usage errors derive from TyperException
+    from typer.exceptions import TyperException as CommandLineError
+except ImportError:  # pragma: no cover  (typer running on the click package)
+    from click import ClickException as CommandLineError  # type: ignore[assignment]
+
+class _OneLineErrors(TyperGroup):
+    """The command group, with click's own errors (an unknown option, a value of the wrong type)
+    ending like kshare's: one `error:` line on stderr and exit code 2, not a usage box."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except CommandLineError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `kshare` alone: the help, as always
+                exc.show()  # type: ignore[attr-defined]
+            else:
+                typer.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+            sys.exit(2)
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
     name="kshare",
@@ -26,23 +55,24 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_OneLineErrors,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Python parameter → the flag that sets it on this command line.
-FLAGS = {
-    "alpha": "--alpha", "batch_size": "--batch-size", "calib_images": "--calib-images", "channels_last":
-    "--channels-last", "clip_grad": "--clip-grad", "data": "--data", "data_root": "--data-root", "device": "--device",
-    "distill": "--distill", "epochs": "--epochs", "exclude": "--exclude", "groups": "--groups", "image_size":
-    "--image-size", "images": "--images", "include": "--include", "init": "--init", "input_size": "--input-size",
-    "label_smoothing": "--label-smoothing", "limit_test": "--limit-test", "limit_train": "--limit-train", "lr": "--lr",
-    "match": "--match", "min_size": "--min-size", "model": "--model", "momentum": "--momentum", "opset": "--opset",
-    "optimizer": "--optimizer", "plan": "--plan", "precision": "--precision", "relax": "--relax", "seed": "--seed",
-    "share_bias": "--share-bias", "teacher": "--teacher", "teacher_weights": "--teacher-weights", "temperature":
-    "--temperature", "trust_code": "--trust-code", "warmup_epochs": "--warmup", "weight_decay": "--weight-decay",
-    "weights": "--weights",
-}
+# Python parameters with a flag of the same name here (`image_size` → `--image-size`), and those whose flag differs.
+FLAGGED = frozenset("""alpha batch_size budgets calib_images channels_last clip_grad compile data data_root device
+    distill epochs exclude fit groups image_size images include init input_size label_smoothing limit_test limit_train
+    lr match min_size model momentum opset optimizer out plan precision relax resume seed seeds share_bias teacher
+    teacher_weights temperature trust_code weight_decay weights""".split())
+RENAMED = {"warmup_epochs": "--warmup", "policy": "--groups"}
+MODEL_ARGUMENTS = ("num_classes", "in_chans")  # passed as `-k KEY=VALUE`
+
+
+def flag_of(name: str) -> str | None:
+    return RENAMED.get(name) or ("--" + name.replace("_", "-") if name in FLAGGED else None)
+
+
 _PARAM = re.compile(r"`([a-z_]+)(?:=([^`]*))?`")
 
 
@@ -51,9 +81,9 @@ def as_flags(message: str) -> str:
 
     def flag(m: re.Match[str]) -> str:
         name, value = m.group(1), m.group(2)
-        option = FLAGS.get(name)
+        option = flag_of(name)
         if option is None:  # a model argument or a name this CLI has no flag for
-            return f"-k {name}={value}" if name in ("num_classes", "in_chans") and value else m.group(0).strip("`")
+            return f"-k {name}={value}" if name in MODEL_ARGUMENTS and value else m.group(0).strip("`")
         if value is None or value == "True":
             return option
         if value == "False":
@@ -70,19 +100,33 @@ def fail(message: str) -> typer.Exit:
 
 
 def one_line_errors(fn: F) -> F:
-    """Turn a `KShareError`, a file the OS refuses (`OSError`) or a missing optional package
-    (`ImportError`) into one `error: ...` line on stderr and exit code 2."""
+    """Turn a `KShareError`, a file the OS refuses (`OSError`), a missing optional package
+    (`ImportError`) or memory that runs out into one `error: ...` line on stderr and exit code 2.
+    Anything else is a kshare bug: one line too, exit code 1, and the traceback when
+    `KSHARE_DEBUG=1`."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
         except KShareError as exc:
             message = str(exc)
         except ImportError as exc:
             message = f"{exc}; install the extra that provides it, e.g. pip install 'kshare[export]'"
         except OSError as exc:
             message = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+        except Exception as exc:
+            text = (str(exc).strip().splitlines() or [""])[0][:200]
+            if isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text:
+                message = f"not enough memory: {text or type(exc).__name__}; use a smaller batch, input or model"
+            elif os.environ.get("KSHARE_DEBUG"):
+                raise
+            else:
+                typer.echo(f"error: internal error ({type(exc).__name__}: {text}); this is a kshare bug: please "
+                           "report it, with the traceback KSHARE_DEBUG=1 shows", err=True)
+                raise typer.Exit(1) from None
         raise fail(message) from None
 
     return wrapper  # type: ignore[return-value]
@@ -145,8 +189,14 @@ TrustOpt = Annotated[
 DataOpt = Annotated[str, typer.Option("--data", help=", ".join(DATA_NAMES) + ".")]
 DataRootOpt = Annotated[Path | None, typer.Option(help="Folder holding the dataset's files.")]
 ImageSizeOpt = Annotated[int | None, typer.Option(help="Resize images to this size (default: the data's own).")]
-LimitOpt = Annotated[int | None, typer.Option(help="Use only the first N samples (quick runs).")]
+LimitOpt = Annotated[int | None, typer.Option(help="Use a seeded, class-balanced sample of N images (quick runs).")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda when available).")]
+PrecisionOpt = Annotated[str, typer.Option(help="auto (time the candidates on a GPU; fp32 on the CPU), bf16, fp16 "
+                                                "(with loss scaling) or fp32.")]
+ChannelsLastOpt = Annotated[bool | None, typer.Option("--channels-last/--no-channels-last",
+                                                      help="Memory format of the steps (default: auto, timed on a "
+                                                           "GPU; NCHW on the CPU).", show_default=False)]
+CompileOpt = Annotated[bool, typer.Option(help="Run the model through torch.compile (slow to start, faster after).")]
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ from kshare.cli.app import (
 )
 from kshare.cli.report import analysis_json, render_analysis, render_applied, render_info
 from kshare.cli.report import size as size_text
-from kshare.errors import ExportError, PlanError
+from kshare.errors import ExportError, KShareError, PlanError
 from kshare.io.checkpoint import load, save, summarize
 from kshare.io.onnx_export import export_onnx
 from kshare.io.safetensors_io import export_safetensors
@@ -212,13 +212,22 @@ def export(
         raise ExportError("nothing to export: pass --onnx FILE and/or --safetensors FILE")
     net = load(checkpoint, load_model(model)[0] if model else None, trust_code=trust_code)
     console = Console()
-    if onnx is not None:
-        with Console(stderr=True).status("exporting ONNX…"):
-            export_onnx(net, onnx, input_size=input_size, opset=opset)
-        console.print(f"wrote {onnx} ({size_text(onnx.stat().st_size)})")
+    failed = []  # each file on its own: one that cannot be written does not stop the other
     if safetensors is not None:
-        export_safetensors(net, safetensors)
-        console.print(f"wrote {safetensors} ({size_text(safetensors.stat().st_size)})")
+        try:
+            export_safetensors(net, safetensors)
+            console.print(f"wrote {safetensors} ({size_text(safetensors.stat().st_size)})")
+        except KShareError as exc:
+            failed.append(str(exc))
+    if onnx is not None:
+        try:
+            with Console(stderr=True).status("exporting ONNX…"):
+                export_onnx(net, onnx, input_size=input_size, opset=opset)
+            console.print(f"wrote {onnx} ({size_text(onnx.stat().st_size)})")
+        except KShareError as exc:
+            failed.append(str(exc))
+    if failed:
+        raise ExportError("; ".join(failed))
 
 
 @app.command("fold")

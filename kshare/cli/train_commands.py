@@ -7,16 +7,20 @@ import os
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from torch import nn
 
 from kshare.cli.app import (
+    ChannelsLastOpt,
+    CompileOpt,
     DataOpt,
     DataRootOpt,
     DeviceOpt,
     ImageSizeOpt,
     KwargOpt,
     LimitOpt,
+    PrecisionOpt,
     TrustOpt,
     WeightsOpt,
     app,
@@ -26,17 +30,29 @@ from kshare.cli.app import (
 )
 from kshare.cli.plots import plot_sweep
 from kshare.cli.progress import progress_bars
-from kshare.errors import PlanError, PolicyError, StudyError, TrainingError, WeightsError
+from kshare.errors import DataError, PlanError, PolicyError, StudyError, TrainingError, WeightsError
 from kshare.io.checkpoint import load, read, restore, save
 from kshare.kernels import INITS
 from kshare.models.zoo import load_model, parse_kwargs
 from kshare.surgery.tie import plan_of
 from kshare.sweep import SweepConfig, aggregate, pareto, run_sweep
 from kshare.training.calibrate import batch_norms, recalibrate_bn
-from kshare.training.data import Adapter, input_channels, load_data
-from kshare.training.loop import TrainConfig, check_classes, evaluate, resume_state
+from kshare.training.config import TrainConfig
+from kshare.training.data import ImageData, adapter_for, load_data
+from kshare.training.evaluate import check_classes, choose_eval_setup, evaluate
 from kshare.training.loop import finetune as run_finetune
+from kshare.training.resume import resume_state
 from kshare.training.runtime import runtime, shutdown
+
+
+def _splits(data: str, data_root: Path | None, image_size: int | None, limit_train: int | None,
+            limit_test: int | None, train: bool = True) -> tuple[ImageData | None, ImageData]:
+    """The (train, test) splits a command asked for, limits applied (train None when not needed)."""
+    for name, value in (("--limit-train", limit_train), ("--limit-test", limit_test)):
+        if value is not None and value < 1:
+            raise DataError(f"{name} must be at least 1, got {value}")
+    test = load_data(data, "test", data_root, image_size).subset(limit_test)
+    return (load_data(data, "train", data_root, image_size).subset(limit_train) if train else None), test
 
 
 @app.command()
@@ -89,10 +105,9 @@ def sweep(
         baseline = payload.get("extra", {}).get("finetune")
     else:
         net, _ = load_model(source, parse_kwargs(kwarg), weights)
-    train_data = load_data(data, "train", data_root, image_size).subset(limit_train)
-    test_data = load_data(data, "test", data_root, image_size).subset(limit_test)
-    check_classes(net, test_data, Adapter.for_model(test_data, input_channels(net), image_size, False),
-                  next(net.parameters()).device)
+    train_data, test_data = _splits(data, data_root, image_size, limit_train, limit_test)
+    assert train_data is not None
+    check_classes(net, test_data, adapter_for(net, test_data, image_size, announce=True), next(net.parameters()).device)
     with progress_bars() as progress:
         rows = run_sweep(net, train_data, test_data, config, out, baseline=baseline, progress=progress)
     picture = plot_sweep(rows, plot or out.with_suffix(".png"), f"{source} on {test_data.name}")
@@ -155,22 +170,29 @@ def finetune(
     limit_test: LimitOpt = None,
     seed: Annotated[int, typer.Option(help="Seed for init order, shuffling and augmentation.")] = 0,
     device: DeviceOpt = None,
-    amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16, else fp16 with scaling).")] = True,
+    precision: PrecisionOpt = "auto",
+    channels_last: ChannelsLastOpt = None,
+    compile: CompileOpt = False,
+    amp: Annotated[bool, typer.Option(help="Let --precision auto pick mixed precision on CUDA (--no-amp: fp32).")
+                   ] = True,
     trust_code: TrustOpt = False,
 ) -> None:
     """Fine-tune a checkpoint on real data, keeping its sharing; optionally distil from a teacher."""
+    if not amp and precision not in ("auto", "fp32"):
+        raise TrainingError(f"--no-amp asks for fp32, --precision asks for {precision}: give one of them")
     config = TrainConfig(
         epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay,
         warmup_epochs=warmup, clip_grad=clip_grad, label_smoothing=label_smoothing, distill=distill,
-        temperature=temperature, alpha=alpha, seed=seed, amp=amp, image_size=image_size,
+        temperature=temperature, alpha=alpha, seed=seed, amp=amp, image_size=image_size, precision=precision,
+        channels_last=channels_last, compile=compile,
     )
     if teacher is not None and not distill:
         raise TrainingError("--teacher given without --distill")
     out = out or checkpoint.with_name(checkpoint.stem + ".ft.pt")
     net, state = resume_state(out, trust_code=trust_code) if resume else (load(checkpoint, trust_code=trust_code), None)
     teacher_net = _load_teacher(teacher, teacher_weights, trust_code) if distill and teacher else None
-    train_data = load_data(data, "train", data_root, image_size).subset(limit_train)
-    test_data = load_data(data, "test", data_root, image_size).subset(limit_test)
+    train_data, test_data = _splits(data, data_root, image_size, limit_train, limit_test)
+    assert train_data is not None
     try:
         with progress_bars() as progress:
             summary = run_finetune(net, train_data, test_data, config, out, teacher=teacher_net, resume=state,
@@ -194,17 +216,27 @@ def evaluate_cmd(
     image_size: ImageSizeOpt = None,
     limit_test: LimitOpt = None,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = "auto",
+    channels_last: ChannelsLastOpt = None,
+    compile: CompileOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
     trust_code: TrustOpt = False,
 ) -> None:
-    """Test accuracy and loss of a checkpoint on a dataset's test split."""
+    """Test accuracy and loss of a checkpoint on a dataset's test split (fed as it was trained)."""
+    if batch_size < 1:
+        raise TrainingError(f"--batch-size must be at least 1, got {batch_size}")
     net = load(checkpoint, trust_code=trust_code)
-    test_data = load_data(data, "test", data_root, image_size).subset(limit_test)
+    _, test_data = _splits(data, data_root, image_size, None, limit_test, train=False)
     rt = runtime(device)
     net.to(rt.device)
-    adapter = Adapter.for_model(test_data, input_channels(net), image_size, augment=False)
+    adapter = adapter_for(net, test_data, image_size, announce=True)
     check_classes(net, test_data, adapter, rt.device)
-    result = evaluate(net, test_data, adapter, batch_size, rt) | {"data": test_data.name}
+    setup = choose_eval_setup(net, adapter(test_data.images[:batch_size].to(rt.device)), rt.device, precision,
+                              channels_last)
+    if setup.channels_last:
+        net.to(memory_format=torch.channels_last)
+    result = evaluate(torch.compile(net) if compile else net, test_data, adapter, batch_size, rt, setup) | {
+        "data": test_data.name}
     if as_json:
         typer.echo(json.dumps(result))
     else:
@@ -230,20 +262,27 @@ def calibrate(
     """Re-estimate BatchNorm statistics after tying (no labels, no training); report test accuracy."""
     if images < 1:
         raise TrainingError(f"--images must be at least 1, got {images}")
+    if batch_size < 1:
+        raise TrainingError(f"--batch-size must be at least 1, got {batch_size}")
     net = load(checkpoint, trust_code=trust_code)
     if not batch_norms(net):
         raise TrainingError(f"{checkpoint} has no BatchNorm layer with running statistics: nothing to calibrate")
     train_data = load_data(data, "train", data_root, image_size)
-    test_data = load_data(data, "test", data_root, image_size).subset(limit_test)
+    test_data = None if not train_data.labelled else _splits(data, data_root, image_size, None, limit_test,
+                                                             train=False)[1]
     rt = runtime(device)
     net.to(rt.device)
-    channels = input_channels(net)
-    test_adapter = Adapter.for_model(test_data, channels, image_size, augment=False)
-    check_classes(net, test_data, test_adapter, rt.device)
-    before = evaluate(net, test_data, test_adapter, rt=rt)["acc"]
-    layers = recalibrate_bn(net, train_data, images=images, batch_size=batch_size,
-                            adapter=Adapter.for_model(train_data, channels, image_size, augment=False))
-    after = evaluate(net, test_data, test_adapter, rt=rt)["acc"]
+    train_adapter = adapter_for(net, train_data, image_size, announce=True)
+    test_adapter = adapter_for(net, test_data, image_size) if test_data is not None else None
+    if test_data is not None and test_adapter is not None:
+        check_classes(net, test_data, test_adapter, rt.device)
+        before = evaluate(net, test_data, test_adapter, rt=rt)["acc"]
+    layers = recalibrate_bn(net, train_data, images=images, batch_size=batch_size, adapter=train_adapter)
     target = save(net.cpu(), out or checkpoint)
-    typer.echo(f"recalibrated {layers} BatchNorm layers on {min(images, len(train_data.labels)):,} "
-               f"{train_data.name} images: test acc {before:.4f} → {after:.4f}; wrote {target}")
+    used = f"{min(images, len(train_data.labels)):,} {train_data.name} images"
+    if test_data is None or test_adapter is None:
+        typer.echo(f"recalibrated {layers} BatchNorm layers on {used} (unlabelled: no test accuracy); wrote {target}")
+        return
+    after = evaluate(net.to(rt.device), test_data, test_adapter, rt=rt)["acc"]
+    typer.echo(f"recalibrated {layers} BatchNorm layers on {used}: test acc {before:.4f} → {after:.4f}; "
+               f"wrote {target}")

@@ -18,13 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from kshare._checks import is_int
 from kshare._files import atomic_write, safe_load
 from kshare.errors import CheckpointError, KShareError, param
-from kshare.io.payload import CHECKPOINT_FORMAT, checkpoint_payload, expand_state, plan_from, spec_from
+from kshare.io.payload import check_payload, checkpoint_payload, expand_state, plan_from, recipe_from, spec_from
 from kshare.io.safetensors_io import read_safetensors
+from kshare.models.recipe import attach_recipe, recipe_of
 from kshare.models.weights import check_state_fits
 from kshare.models.zoo import ModelSpec, attach_spec, build
-from kshare.surgery.tie import apply_plan
+from kshare.surgery.tie import apply_plan, verify_tied
 
 
 def save(model: nn.Module, path: str | Path, *, spec: ModelSpec | None = None,
@@ -35,19 +37,11 @@ def save(model: nn.Module, path: str | Path, *, spec: ModelSpec | None = None,
 
 
 def read(path: str | Path) -> dict[str, Any]:
-    """Read and check a checkpoint's payload without building anything."""
-    payload = safe_load(path, CheckpointError)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a kshare checkpoint (no {CHECKPOINT_FORMAT!r} marker): "
-                              "pass a file written by `kshare apply` or kshare.save")
-    for key, kind in (("state", torch.Tensor), ("aliases", str)):
-        section = payload.get(key)
-        if not isinstance(section, dict):
-            raise CheckpointError(f"{path} is a damaged kshare checkpoint: no {key!r} section")
-        if not all(isinstance(k, str) and isinstance(v, kind) for k, v in section.items()):
-            raise CheckpointError(f"{path} is a damaged kshare checkpoint: its {key!r} section holds "
-                                  f"entries other than names of {kind.__name__}s")
-    return payload
+    """Read and check a checkpoint's payload (a `.pt` file or a `.safetensors` export) without
+    building anything."""
+    if Path(path).suffix == ".safetensors":
+        return read_safetensors(path)
+    return check_payload(safe_load(path, CheckpointError), str(path))
 
 
 def restore(payload: Mapping[str, Any], model: nn.Module | None = None, what: str = "checkpoint",
@@ -56,6 +50,7 @@ def restore(payload: Mapping[str, Any], model: nn.Module | None = None, what: st
 
     A spec that rebuilds by importing or calling the user's code (`module:factory`,
     `file.py:factory`) is built only with `trust_code`: otherwise a file would run code on load."""
+    payload = check_payload(payload, what)
     spec = spec_from(payload, what)
     if model is None:
         if spec is None:
@@ -73,8 +68,9 @@ def restore(payload: Mapping[str, Any], model: nn.Module | None = None, what: st
             raise CheckpointError(f"cannot rebuild the model of {what}: {exc}") from None
     if spec is not None:
         attach_spec(model, spec)
+    attach_recipe(model, recipe_from(payload, what) or recipe_of(model))
     state = expand_state(payload["state"], payload["aliases"])
-    plan = plan_from(payload)
+    plan = plan_from(payload, what)
     if plan is not None:
         try:
             plan.validate(model)
@@ -83,6 +79,7 @@ def restore(payload: Mapping[str, Any], model: nn.Module | None = None, what: st
             raise CheckpointError(f"the plan in {what} does not fit the model: {exc}") from None
     check_state_fits(model, state, CheckpointError, f"the tensors in {what}")
     model.load_state_dict(state, strict=True)
+    verify_tied(model)
     return model
 
 
@@ -90,15 +87,14 @@ def load(path: str | Path, model: nn.Module | None = None, *, trust_code: bool =
     """Load a kshare checkpoint (`.pt`, or a `.safetensors` export): tied exactly as saved.
 
     `trust_code`: rebuild a model whose spec names the user's own code (see `restore`)."""
-    if Path(path).suffix == ".safetensors":
-        return restore(read_safetensors(path), model, what=str(path), trust_code=trust_code)
     return restore(read(path), model, what=str(path), trust_code=trust_code)
 
 
 def summarize(path: str | Path) -> dict[str, Any]:
     """Figures about a checkpoint, read without building the model (for `kshare info`)."""
     payload = read(path)
-    plan = plan_from(payload)
+    plan = plan_from(payload, str(path))
+    recipe = recipe_from(payload, str(path))
     unique, aliases = payload["state"], payload["aliases"]
     stored = sum(t.numel() * t.element_size() for t in unique.values())
     expanded = stored + sum(unique[t].numel() * unique[t].element_size() for t in aliases.values())
@@ -114,6 +110,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "stored_tensor_bytes": stored,
         "untied_tensor_bytes": expanded,
         "plan": plan.to_dict() if plan else None,
+        "input": recipe.to_dict() if recipe else None,
         "training": _training_summary(payload.get("extra", {})),
     }
 
@@ -123,5 +120,13 @@ def _training_summary(extra: Mapping[str, Any]) -> dict[str, Any] | None:
     record = extra.get("finetune") or extra.get("train_state")
     if not isinstance(record, Mapping):
         return None
-    keep = {k: record[k] for k in ("epoch", "data", "config", "metrics") if k in record}
+    plain = (str, int, float, bool, type(None))
+    keep: dict[str, Any] = {}
+    if is_int(record.get("epoch")):
+        keep["epoch"] = record["epoch"]
+    if isinstance(record.get("data"), str):
+        keep["data"] = record["data"]
+    for key in ("config", "metrics"):  # only plain values: a file may hold anything
+        if isinstance(record.get(key), Mapping):
+            keep[key] = {k: v for k, v in record[key].items() if isinstance(k, str) and isinstance(v, plain)}
     return keep | {"resumable": "optimizer" in record}

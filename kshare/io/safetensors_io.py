@@ -14,8 +14,8 @@ from typing import Any
 from torch import nn
 
 from kshare._files import atomic_write, safe_load
-from kshare.errors import CheckpointError
-from kshare.io.payload import checkpoint_payload
+from kshare.errors import CheckpointError, ExportError
+from kshare.io.payload import CHECKPOINT_FORMAT, check_payload, checkpoint_payload
 
 SAFETENSORS_FORMAT = "kshare.safetensors/1"
 
@@ -32,8 +32,9 @@ def export_safetensors(model: nn.Module, path: str | Path) -> Path:
         "spec": json.dumps(payload["spec"]),
         "plan": json.dumps(payload["plan"]),
         "aliases": json.dumps(payload["aliases"]),
+        "input": json.dumps(payload["input"]),
     }
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), ExportError)
 
 
 def read_safetensors(path: str | Path) -> dict[str, Any]:
@@ -44,14 +45,15 @@ def read_safetensors(path: str | Path) -> dict[str, Any]:
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-        if meta.get("format") != SAFETENSORS_FORMAT:
-            raise CheckpointError(f"{path} is a safetensors file, but not one kshare exported (no format marker)")
-        return {
-            "format": meta["format"],
-            "spec": json.loads(meta["spec"]),
-            "plan": json.loads(meta["plan"]),
-            "aliases": json.loads(meta["aliases"]),
-            "state": tensors,
-        }
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} has damaged kshare metadata: {exc}") from None
+    except Exception as exc:  # safetensors raises its own error types for a damaged header
+        raise CheckpointError(f"cannot read {path}: {type(exc).__name__}") from None
+    if meta.get("format") != SAFETENSORS_FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file, but not one kshare exported (no format marker)")
+    fields = {}
+    for key in ("spec", "plan", "aliases", "input"):
+        try:
+            fields[key] = json.loads(meta.get(key, "null"))
+        except (json.JSONDecodeError, RecursionError, TypeError):
+            raise CheckpointError(f"{path} has damaged kshare metadata: {key!r} is not valid JSON") from None
+    payload = {"format": CHECKPOINT_FORMAT, "kshare_version": meta.get("kshare_version"), **fields, "state": tensors}
+    return check_payload(payload, str(path))

@@ -12,6 +12,7 @@ from torch import nn
 
 from kshare._files import safe_load
 from kshare.errors import KShareError, WeightsError
+from kshare.models.recipe import InputRecipe, attach_recipe
 
 
 def unwrap_state(obj: Any) -> dict[str, torch.Tensor]:
@@ -22,15 +23,17 @@ def unwrap_state(obj: Any) -> dict[str, torch.Tensor]:
     """
     if isinstance(obj, dict) and obj.get("format") == "kshare.checkpoint/1" and isinstance(obj.get("state"), dict):
         state = dict(obj["state"])
-        for key, target in (obj.get("aliases") or {}).items():
-            if target in state:
+        aliases = obj.get("aliases")
+        for key, target in (aliases.items() if isinstance(aliases, dict) else ()):
+            if isinstance(target, str) and target in state:
                 state[key] = state[target]
         obj = state
     for key in ("state_dict", "model", "model_state", "state"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                            for k, v in obj.items()):
         raise WeightsError("weights file holds no state dict (a mapping of names to tensors)")
     if obj and all(k.startswith("module.") for k in obj):
         obj = {k.removeprefix("module."): v for k, v in obj.items()}
@@ -59,10 +62,18 @@ def check_state_fits(
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Copy a local state dict into `model` (copy mode: any aliasing in the model is kept)."""
+    """Copy a local state dict into `model` (copy mode: any aliasing in the model is kept).
+
+    From a kshare checkpoint, the model also takes the recipe of how it was trained to be fed
+    (`kshare.models.recipe`), so a fine-tuned baseline tied by `apply --weights` keeps it."""
     path = Path(path)
     obj = safe_load(path, WeightsError)
     state = unwrap_state(obj)
     check_state_fits(model, state, WeightsError, f"weights {path}")
     model.load_state_dict(state, strict=True)
+    if isinstance(obj, dict) and obj.get("format") == "kshare.checkpoint/1" and obj.get("input") is not None:
+        try:
+            attach_recipe(model, InputRecipe.from_dict(obj["input"], str(path)))
+        except KShareError as exc:
+            raise WeightsError(str(exc)) from None
     return model

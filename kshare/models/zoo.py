@@ -28,6 +28,7 @@ from torch import nn
 
 from kshare.analysis.signature import is_conv
 from kshare.errors import ModelBuildError, ModelNotFoundError
+from kshare.models.recipe import recipe_of
 from kshare.models.weights import load_weights
 
 PREFIXES = ("kshare", "torchvision", "timm")
@@ -45,6 +46,7 @@ PAPER_MODELS = (
     "se_resnet_cifar_d8",
     "se_resnet_cifar_d10",
 )
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _CONVMIXER = re.compile(r"convmixer_(\d+)_(\d+)(_shared)?")
 _SERESNET = re.compile(r"se_resnet_cifar_d(\d+)(_shared)?")
 
@@ -173,8 +175,10 @@ def resolve(name: str, kwargs: Mapping[str, Any] | None = None) -> ModelSpec:
         return ModelSpec(source, bare, kwargs)
     if sep:
         source = "file" if prefix.endswith(".py") else "python"
-        if not rest:
-            raise ModelNotFoundError(f"bad model reference {name!r}: expected module:factory or file.py:factory")
+        if not rest.isidentifier() or (source == "python" and not _MODULE.fullmatch(prefix)) \
+                or (source == "file" and prefix == ".py"):
+            raise ModelNotFoundError(f"bad model reference {name!r}: expected module:factory (a dotted module "
+                                     "path and a Python name) or file.py:factory")
         return ModelSpec(source, name, kwargs)
     if _kshare_factory(name) is not None:
         return ModelSpec("kshare", name, kwargs)
@@ -212,10 +216,24 @@ def _user_factory(spec: ModelSpec) -> Callable[..., Any]:
     return factory
 
 
+def check_spec(spec: ModelSpec) -> None:
+    """A spec read from a file may name a model no registry has, or a malformed reference: say so,
+    in one line, without importing or calling anything the spec names."""
+    if spec.source in PREFIXES:
+        resolve(spec.ref)
+    elif spec.source in ("python", "file") and ":" in spec.name:
+        resolve(spec.name)
+    else:
+        raise ModelNotFoundError(f"unknown model source {spec.source!r} for {spec.name!r}: expected kshare, "
+                                 "torchvision, timm, module:factory or file.py:factory")
+
+
 def _factory(spec: ModelSpec) -> Callable[..., Any]:
+    check_spec(spec)
     if spec.source == "kshare":
         factory = _kshare_factory(spec.name)
-        assert factory is not None
+        if factory is None:
+            raise _unknown(spec.name, kshare_names())
         return factory
     if spec.source == "torchvision":
         import torchvision
@@ -266,7 +284,11 @@ def parse_kwargs(items: list[str] | None) -> dict[str, Any]:
 
 
 def default_input_size(model: nn.Module, spec: ModelSpec | None = None) -> tuple[int, ...]:
-    """A sensible example input (C,H,W) for the model: its own config, else its first conv."""
+    """A sensible example input (C,H,W) for the model: what it was trained on (its recipe), its
+    own config, else its first conv."""
+    recipe = recipe_of(model)
+    if recipe is not None:
+        return recipe.input_size
     first = next((m for m in model.modules() if is_conv(m)), None)
     chans = int(first.in_channels) if first is not None else 3
     declared = getattr(model, "default_input_size", None)

@@ -13,9 +13,9 @@ from kshare.planning.config import (
     SharingConfig,
     parse_config,
 )
-from kshare.planning.plan import PLAN_FORMAT, Group, SharingPlan, Totals, Unshared
+from kshare.planning.plan import PLAN_FORMAT, Group, SharingPlan, Totals, Unshared, with_relaxation
 from kshare.planning.planner import build_plan, register_planner
-from kshare.planning.relaxation import RELAX_HELP, Relaxation, with_relaxation
+from kshare.planning.relaxation import RELAX_HELP, Relaxation
 
 __all__ = ["PLAN_FORMAT", "POLICY_HELP", "RELAX_HELP", "BudgetConfig", "Group", "Policy", "PositionalConfig",
            "Relaxation", "SharingConfig", "SharingPlan", "Totals", "Unshared", "build_plan", "parse_config",

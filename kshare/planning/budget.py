@@ -27,10 +27,10 @@ from kshare.analysis.inspect import ConvSite, Inspection
 from kshare.errors import PlanError
 from kshare.kernels import fit_residual
 from kshare.planning.config import BudgetConfig, PositionalConfig, SharingConfig
-from kshare.planning.plan import Group, SharingPlan, Unshared, assemble_plan
+from kshare.planning.plan import Group, SharingPlan, Unshared, assemble_plan, with_relaxation
 from kshare.planning.positional import plan_positional
 from kshare.planning.reconstruction import kernel_norm, kernel_vector, with_errors
-from kshare.planning.relaxation import Relaxation, with_relaxation
+from kshare.planning.relaxation import Relaxation
 from kshare.planning.select import candidate_sites, in_execution_order
 
 Partition = dict[tuple[object, ...], list[int]]  # signature key → a cluster label per site of that class

@@ -7,6 +7,7 @@ layers that already alias one tensor (a model tied before, or built shared) save
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -14,9 +15,12 @@ from typing import Any
 
 from torch import nn
 
+from kshare._checks import Reader, is_int, items
 from kshare.analysis.inspect import ConvSite, Inspection
 from kshare.analysis.signature import MATCH_MODES, Signature, is_conv
 from kshare.errors import PlanError
+from kshare.kernels import FITTED, INITS, fan_in
+from kshare.planning.relaxation import Relaxation
 
 PLAN_FORMAT = "kshare.plan/1"
 
@@ -34,26 +38,49 @@ class Group:
     init: str = "first"
     error: float | None = None  # relative squared error of sharing the init kernel
     ranks: tuple[int, ...] = ()  # each member's LoRA rank, when a budget plan chose them (lora:auto)
+    output_error: float | None = None  # relative error of the members' outputs on calibration data (a data fit)
+
+    def ranks_under(self, relaxation: Relaxation) -> tuple[int, ...]:
+        """Each member's LoRA rank under `relaxation` (a budget plan's own under `lora:auto`)."""
+        return relaxation.member_ranks(self.signature.weight_shape, len(self.members), self.ranks, self.name)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["signature"] = self.signature.to_dict()
         if not self.ranks:
             del data["ranks"]  # plans without per-member ranks keep their old form
+        if self.output_error is None:
+            del data["output_error"]  # so do plans not fitted to data
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Group:
+    def from_dict(cls, data: Any, where: str = "plan group") -> Group:
+        """Read a group from JSON, every field checked (see `SharingPlan.from_dict`)."""
+        r = Reader(data, where, PlanError)
+        where = f"plan group {r.str('name')}"
+        r.where = where
+        signature = Signature.from_dict(r.data.get("signature"), f"{where}: signature", PlanError)
+        members = tuple(r.list("members", items("a module name", lambda v: isinstance(v, str) and v != "",
+                                                 PlanError), low=2))
+        if len(set(members)) != len(members):
+            raise PlanError(f"{where} names a member twice")
+        width = min(signature.weight_shape[0], fan_in(signature.weight_shape))
+        ranks = tuple(r.list("ranks", items(f"a rank from 0 to {width}", lambda v: is_int(v) and 0 <= v <= width,
+                                            PlanError), default=[]))
+        if ranks and len(ranks) != len(members):
+            raise PlanError(f"{where} records {len(ranks)} delta ranks for {len(members)} members")
         return cls(
-            name=str(data["name"]),
-            signature=Signature.from_dict(data["signature"]),
-            members=tuple(data["members"]),
-            stages=tuple(data.get("stages", ())),
-            params_saved=int(data.get("params_saved", 0)),
-            bytes_saved=int(data.get("bytes_saved", 0)),
-            init=str(data.get("init", "first")),
-            error=float(data["error"]) if data.get("error") is not None else None,
-            ranks=tuple(int(r) for r in data.get("ranks", ())),
+            name=r.str("name"),
+            signature=signature,
+            members=members,
+            stages=tuple(r.list("stages", items("a stage number", lambda v: is_int(v) and v >= 0, PlanError),
+                                default=[])),
+            params_saved=r.int("params_saved", 0),
+            bytes_saved=r.int("bytes_saved", 0),
+            init=r.str("init", "first", choices=(*INITS, FITTED)),
+            output_error=r.float("output_error", None, low=0.0),
+            error=r.float("error", None, low=0.0),
+            ranks=ranks,
         )
 
 
@@ -63,6 +90,11 @@ class Unshared:
 
     name: str
     reason: str
+
+
+def _unshared(data: Any, where: str) -> Unshared:
+    r = Reader(data, where, PlanError)
+    return Unshared(r.str("name"), r.str("reason"))
 
 
 @dataclass(frozen=True)
@@ -137,34 +169,55 @@ class SharingPlan:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SharingPlan:
+    def from_dict(cls, data: Any) -> SharingPlan:
+        """Read a plan from JSON and check all of it: every field's kind and range, each group
+        (at least two members, a member in one group only and not also left unshared, ranks
+        that fit the kernel), and the relaxation. What only a model can say (do the members
+        exist, with the group's signature?) is `validate(model)`'s job."""
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise PlanError(f"not a kshare plan: expected a JSON object with format {PLAN_FORMAT!r}")
+        r = Reader(data, "malformed kshare plan", PlanError)
+        groups = tuple(r.list("groups", Group.from_dict))
+        unshared = tuple(r.list("unshared", _unshared))
+        seen: dict[str, str] = {}
+        for group in groups:
+            for member in group.members:
+                if member in seen:
+                    raise PlanError(f"{member!r} is in both plan groups {seen[member]} and {group.name}")
+                seen[member] = group.name
+        if len({g.name for g in groups}) != len(groups):
+            raise PlanError("malformed kshare plan: two groups have one name")
+        if both := [u.name for u in unshared if u.name in seen]:
+            raise PlanError(f"malformed kshare plan: {both[0]!r} is both in a group and left unshared")
+        t = r.mapping("totals")
+        totals = Totals(**{k: t.int(k) for k in Totals.__dataclass_fields__})
         try:
-            totals = {k: int(v) for k, v in data["totals"].items() if k in Totals.__dataclass_fields__}
-            return cls(
-                policy=str(data["policy"]),
-                match=str(data["match"]),
-                share_bias=bool(data["share_bias"]),
-                groups=tuple(Group.from_dict(g) for g in data["groups"]),
-                unshared=tuple(Unshared(str(u["name"]), str(u["reason"])) for u in data["unshared"]),
-                totals=Totals(**totals),
-                source=data.get("source"),
-                input_size=tuple(data.get("input_size", ())),
-                method=str(data.get("method", "")),
-                notes=tuple(data.get("notes", ())),
-                relax=str(data.get("relax", "none")),
-                relax_params=int(data.get("relax_params", 0)),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise PlanError(f"malformed kshare plan: {type(exc).__name__} {exc}") from None
+            relax = Relaxation.parse(r.str("relax", "none")).name
+        except PlanError as exc:
+            raise PlanError(f"malformed kshare plan: {exc}") from None
+        return cls(
+            policy=r.str("policy"),
+            match=r.str("match", choices=MATCH_MODES),
+            share_bias=r.bool("share_bias"),
+            groups=groups,
+            unshared=unshared,
+            totals=totals,
+            source=r.str("source", None),
+            input_size=tuple(r.list("input_size", items("a positive size", lambda v: is_int(v) and v > 0, PlanError),
+                                    default=[], high=4)),
+            method=r.str("method", ""),
+            notes=tuple(r.list("notes", items("a string", lambda v: isinstance(v, str), PlanError), default=[])),
+            relax=relax,
+            relax_params=r.int("relax_params", 0),
+        )
 
     @classmethod
     def from_json(cls, text: str) -> SharingPlan:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"plan is not valid JSON: {exc}") from None
+        except (json.JSONDecodeError, RecursionError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise PlanError(f"plan is not valid JSON: {first[:200]}") from None
         return cls.from_dict(data)
 
     def validate(self, model: nn.Module) -> None:
@@ -290,3 +343,21 @@ def assemble_plan(
         method=inspection.method,
         notes=tuple(notes),
     )
+
+
+def with_relaxation(plan: SharingPlan, relaxation: Relaxation) -> SharingPlan:
+    """`plan` counting `relaxation` (and no other) in its totals: the one place these figures move.
+
+    Per-member ranks stay in the groups only under `lora:auto`, the relaxation they were chosen for."""
+    extra = sum(relaxation.params_per_member(g.signature.weight_shape, rank)
+                for g in plan.groups for rank in g.ranks_under(relaxation))
+    groups = plan.groups if relaxation.auto else tuple(dataclasses.replace(g, ranks=()) for g in plan.groups)
+    change = extra - plan.relax_params
+    if change == 0 and plan.relax == relaxation.name and groups == plan.groups:
+        return plan
+    itemsize = plan.groups[0].signature.itemsize if plan.groups else 0
+    t = plan.totals
+    totals = dataclasses.replace(
+        t, params_after=t.params_after + change, param_bytes_after=t.param_bytes_after + change * itemsize,
+        conv_params_after=t.conv_params_after + change)
+    return dataclasses.replace(plan, relax=relaxation.name, relax_params=extra, groups=groups, totals=totals)

@@ -19,10 +19,9 @@ from kshare.errors import PolicyError
 from kshare.models.zoo import default_input_size, spec_of
 from kshare.planning.budget import plan_budget
 from kshare.planning.config import BudgetConfig, PositionalConfig, SharingConfig, parse_config
-from kshare.planning.plan import SharingPlan
+from kshare.planning.plan import SharingPlan, with_relaxation
 from kshare.planning.positional import plan_positional
 from kshare.planning.reconstruction import with_errors
-from kshare.planning.relaxation import with_relaxation
 
 Planner = Callable[[nn.Module | None, Inspection, SharingConfig, str | None], SharingPlan]
 C = TypeVar("C", bound=SharingConfig)

@@ -1,6 +1,7 @@
 """`Relaxation`: which per-member parameters a plan puts on top of each shared kernel, and
-what they cost. Plan data (a plan records its relaxation by name); the mechanism that applies
-one lives in `kshare.surgery.relax`.
+what they cost. Plan data (a plan records its relaxation by name, and
+`kshare.planning.plan.with_relaxation` counts it); the mechanism that applies one lives in
+`kshare.surgery.relax`.
 
 - `scale`: one factor per output channel, `W_m = s_m ⊙ W` (per slice of the kernel's first
   dimension: for a transposed convolution, whose kernel is in × out/groups × k, that is per
@@ -13,14 +14,12 @@ one lives in `kshare.surgery.relax`.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kshare.errors import PlanError
 from kshare.kernels import fan_in
-from kshare.planning.plan import Group, SharingPlan
 
 RELAX_HELP = "none, scale, lora:R, scale+lora:R, or lora:auto / scale+lora:auto with a budget plan"
 
@@ -72,29 +71,13 @@ class Relaxation:
         rank = self.rank_for(weight_shape) if rank is None else rank
         return (out if self.scale else 0) + rank * (out + width)
 
-    def member_ranks(self, group: Group) -> tuple[int, ...]:
-        """The LoRA rank of each member of `group` under this relaxation."""
+    def member_ranks(self, weight_shape: Sequence[int], members: int, ranks: Sequence[int] = (),
+                     group: str = "") -> tuple[int, ...]:
+        """The LoRA rank of each of a group's `members` under this relaxation; `ranks`: the
+        ones a budget plan chose for the group (what `lora:auto` uses)."""
         if not self.auto:
-            return (self.rank_for(group.signature.weight_shape),) * len(group.members)
-        if len(group.ranks) != len(group.members):
+            return (self.rank_for(weight_shape),) * members
+        if len(ranks) != members:
             raise PlanError(f"{self.name} takes its ranks from a budget plan (policy budget:F), and plan group "
-                            f"{group.name} records none: plan with a budget, or name a rank (lora:R)")
-        return group.ranks
-
-
-def with_relaxation(plan: SharingPlan, relaxation: Relaxation) -> SharingPlan:
-    """`plan` counting `relaxation` (and no other) in its totals: the one place these figures move.
-
-    Per-member ranks stay in the groups only under `lora:auto`, the relaxation they were chosen for."""
-    extra = sum(relaxation.params_per_member(g.signature.weight_shape, rank)
-                for g in plan.groups for rank in relaxation.member_ranks(g))
-    groups = plan.groups if relaxation.auto else tuple(dataclasses.replace(g, ranks=()) for g in plan.groups)
-    change = extra - plan.relax_params
-    if change == 0 and plan.relax == relaxation.name and groups == plan.groups:
-        return plan
-    itemsize = plan.groups[0].signature.itemsize if plan.groups else 0
-    t = plan.totals
-    totals = dataclasses.replace(
-        t, params_after=t.params_after + change, param_bytes_after=t.param_bytes_after + change * itemsize,
-        conv_params_after=t.conv_params_after + change)
-    return dataclasses.replace(plan, relax=relaxation.name, relax_params=extra, groups=groups, totals=totals)
+                            f"{group} records none: plan with a budget, or name a rank (lora:R)")
+        return tuple(ranks)

@@ -71,3 +71,20 @@ def is_relaxed(model: nn.Module) -> bool:
     """Whether any convolution of `model` computes its kernel through a `MemberDelta`."""
     return any(parametrize.is_parametrized(m, "weight") and isinstance(m.parametrizations.weight[0], MemberDelta)
                for m in model.modules())
+
+
+@torch.no_grad()
+def set_member_delta(conv: nn.Module, scale: torch.Tensor | None, lora: tuple[torch.Tensor, torch.Tensor] | None
+                     ) -> None:
+    """Overwrite a relaxed member's delta with values fitted elsewhere (e.g. to data); a part the
+    member lacks, or None, is left as it is."""
+    if not parametrize.is_parametrized(conv, "weight"):
+        return
+    delta = conv.parametrizations.weight[0]
+    if not isinstance(delta, MemberDelta):
+        return
+    if scale is not None and delta.scale is not None:
+        delta.scale.copy_(scale.reshape(delta.scale.shape).to(delta.scale.dtype))
+    if lora is not None and delta.lora_a is not None and delta.lora_b is not None:
+        delta.lora_a.copy_(lora[0].reshape(delta.lora_a.shape).to(delta.lora_a.dtype))
+        delta.lora_b.copy_(lora[1].reshape(delta.lora_b.shape).to(delta.lora_b.dtype))

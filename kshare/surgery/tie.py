@@ -12,14 +12,15 @@ a plan from a policy is the API's job (`kshare.tie`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from kshare.errors import PlanError
-from kshare.kernels import INITS, initial_kernel, medoid_index, shared_kernel
-from kshare.planning.plan import Group, SharingPlan
-from kshare.planning.relaxation import Relaxation, with_relaxation
+from kshare.kernels import FITTED, INITS, initial_kernel, medoid_index, shared_kernel
+from kshare.planning.plan import Group, SharingPlan, with_relaxation
+from kshare.planning.relaxation import Relaxation
 from kshare.surgery.relax import is_relaxed, relax_member
 
 _PLAN_ATTR = "_kshare_plan"
@@ -30,16 +31,26 @@ def plan_of(model: nn.Module) -> SharingPlan | None:
     return getattr(model, _PLAN_ATTR, None)
 
 
-def _tie_group(modules: dict[str, nn.Module], group: Group, share_bias: bool) -> None:
+Kernels = Mapping[str, tuple[torch.Tensor, torch.Tensor | None]]  # group name → (shared weight, shared bias)
+
+
+def _tie_group(modules: dict[str, nn.Module], group: Group, share_bias: bool,
+               given: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> None:
     convs = [modules[m] for m in group.members]
     weights = [c.weight for c in convs]
-    medoid = medoid_index(torch.stack([w.detach() for w in weights])) if group.init == "medoid" else 0
-    weight = nn.Parameter(initial_kernel(weights, group.init, medoid), requires_grad=weights[0].requires_grad)
+    init = "mean" if group.init == FITTED and given is None else group.init  # a fitted plan's state comes after
+    medoid = medoid_index(torch.stack([w.detach() for w in weights])) if init == "medoid" else 0
+    start = given[0] if given is not None else initial_kernel(weights, init, medoid)
+    weight = nn.Parameter(start.detach().to(weights[0].dtype).to(weights[0].device).reshape(weights[0].shape).clone(),
+                          requires_grad=weights[0].requires_grad)
     for conv in convs:
         conv.weight = weight
     biases = [c.bias for c in convs if c.bias is not None]
     if share_bias and len(biases) == len(convs):
-        bias = nn.Parameter(initial_kernel(biases, group.init, medoid), requires_grad=biases[0].requires_grad)
+        fitted = given[1] if given is not None else None
+        value = fitted if fitted is not None else initial_kernel(biases, "mean" if init == FITTED else init, medoid)
+        bias = nn.Parameter(value.detach().to(biases[0].dtype).to(biases[0].device).clone(),
+                            requires_grad=biases[0].requires_grad)
         for conv in convs:
             conv.bias = bias
 
@@ -54,28 +65,29 @@ def with_init(plan: SharingPlan, init: str | None) -> SharingPlan:
 
 
 def apply_plan(model: nn.Module, plan: SharingPlan, *, init: str | None = None,
-               relax: str | Relaxation | None = None) -> nn.Module:
+               relax: str | Relaxation | None = None, kernels: Kernels | None = None) -> nn.Module:
     """Tie `model` in place by `plan` and return it.
 
     `init` overrides each group's recorded init (`first`, `mean`, `medoid`, `norm_mean`; see
     `kshare.kernels.initial_kernel`); `relax` overrides the plan's relaxation (None: the
-    plan's own). Each relaxed member's delta is fitted to its kernel before tying. The plan,
-    with the relaxation applied counted in its totals, is attached (`plan_of(model)`); tying
-    a tied model is refused: `untie` first.
+    plan's own). Each relaxed member's delta is fitted to its kernel before tying. `kernels`
+    gives groups their shared kernel (and bias) outright, e.g. fitted to data. The plan, with
+    the relaxation applied counted in its totals, is attached (`plan_of(model)`); tying a tied
+    model is refused: `untie` first.
     """
     if plan_of(model) is not None:
         raise PlanError("model is already tied by kshare: call kshare.untie(model) before tying it again")
     plan.validate(model)
     plan = with_init(plan, init)
     for group in plan.groups:
-        if group.init not in INITS:
+        if group.init not in (*INITS, FITTED):
             raise PlanError(f"plan group {group.name} has unknown init {group.init!r}")
     relaxation = Relaxation.parse(relax if relax is not None else plan.relax)
-    ranks = {g.name: relaxation.member_ranks(g) for g in plan.groups}  # before any change: it may refuse the plan
+    ranks = {g.name: g.ranks_under(relaxation) for g in plan.groups}  # before any change: it may refuse the plan
     modules = dict(model.named_modules())
     for group in plan.groups:
         originals = [modules[m].weight.detach().clone() for m in group.members] if relaxation.active else []
-        _tie_group(modules, group, plan.share_bias)
+        _tie_group(modules, group, plan.share_bias, (kernels or {}).get(group.name))
         for name, original, rank in zip(group.members, originals, ranks[group.name], strict=False):
             relax_member(modules[name], relaxation.scale, rank, original)  # `originals` is empty unless relaxed
     # a ready plan may count another relaxation (or none): count the one applied

@@ -3,9 +3,14 @@ io (checkpoints each epoch) and surgery (the aliasing is verified); reports thro
 and `kshare.progress` callbacks, never by printing."""
 
 from kshare.training.calibrate import batch_norms, recalibrate_bn
-from kshare.training.data import Adapter, ImageData, input_channels, load_data
-from kshare.training.loop import TrainConfig, check_classes, evaluate, finetune, resume_state
-from kshare.training.runtime import Runtime, runtime, shutdown
+from kshare.training.config import TrainConfig
+from kshare.training.data import Adapter, ImageData, adapter_for, input_channels, load_data
+from kshare.training.evaluate import check_classes, evaluate
+from kshare.training.loop import finetune
+from kshare.training.precision import Setup
+from kshare.training.resume import resume_state
+from kshare.training.runtime import Runtime, resolve_device, runtime, shutdown
 
-__all__ = ["Adapter", "ImageData", "Runtime", "TrainConfig", "batch_norms", "check_classes", "evaluate", "finetune",
-           "input_channels", "load_data", "recalibrate_bn", "resume_state", "runtime", "shutdown"]
+__all__ = ["Adapter", "ImageData", "Runtime", "Setup", "TrainConfig", "adapter_for", "batch_norms", "check_classes",
+           "evaluate", "finetune", "input_channels", "load_data", "recalibrate_bn", "resolve_device", "resume_state",
+           "runtime", "shutdown"]

@@ -10,10 +10,13 @@ now sees. No gradient, no weight changes; cheap next to any fine-tune.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
-from kshare.training.data import Adapter, ImageData, input_channels
+from kshare.errors import TrainingError, param
+from kshare.training.data import Adapter, ImageData, adapter_for
 from kshare.training.runtime import Runtime, index_batches
 
 BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
@@ -27,14 +30,29 @@ def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, data: ImageData, *, images: int = 2048, batch_size: int = 128,
                    adapter: Adapter | None = None) -> int:
-    """Reset and re-estimate every BatchNorm's running statistics on the first `images` images
-    of `data` (labels unused). Returns how many layers were recalibrated (0: the model has none,
-    and nothing changed). The model's train/eval mode and each layer's momentum are restored."""
+    """Reset and re-estimate every BatchNorm's running statistics on a seeded sample of `images`
+    images of `data` (class-balanced when it has labels; all of it when smaller; labels unused).
+    Returns how many layers were recalibrated (0: the model has none, and nothing changed). The
+    model's train/eval mode and each layer's momentum are restored."""
+    for name, value in (("images", images), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise TrainingError(f"{param(name)} must be at least 1, got {value!r}")
+    if not batch_norms(model):
+        return 0
+    device = next(model.parameters()).device
+    adapter = adapter or adapter_for(model, data)
+    data = data.subset(images)
+    batches = (adapter(data.images[idx].to(device))
+               for idx in index_batches(len(data.labels), batch_size, Runtime(0, 1, device), None))
+    return recalibrate_on(model, batches)
+
+
+@torch.no_grad()
+def recalibrate_on(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """`recalibrate_bn` on batches the caller made (already adapted, on the model's device)."""
     norms = batch_norms(model)
     if not norms:
         return 0
-    device = next(model.parameters()).device
-    adapter = adapter or Adapter.for_model(data, input_channels(model), None, augment=False)
     saved = [(m, m.momentum, m.training) for m in norms]
     was_training = model.training
     model.eval()
@@ -43,9 +61,8 @@ def recalibrate_bn(model: nn.Module, data: ImageData, *, images: int = 2048, bat
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the calibration batches
             m.train()
-        n = min(images, len(data.labels))
-        for idx in index_batches(n, batch_size, Runtime(0, 1, device), None):
-            model(adapter(data.images[idx].to(device)))
+        for x in batches:
+            model(x)
     finally:
         for m, momentum, training in saved:
             m.momentum = momentum

@@ -8,18 +8,26 @@ images per sample. Names:
   from `apt-get install dataset-fashion-mnist`);
 - `cifar10`, `cifar100`: torchvision's on-disk python format under `--data-root`, read with
   a restricted unpickler that admits nothing but numpy arrays and plain containers;
-- `imagefolder:PATH`: one sub-folder per class (images resized to `--image-size`, 224 by
-  default, when decoded);
+- `imagefolder:PATH`: one sub-folder per class, or `PATH/train` and `PATH/test` holding
+  them (images resized to `--image-size`, 224 by default, when decoded; a folder of
+  grayscale images stays one channel);
+- `images:PATH`: a flat folder of unlabelled pictures, for fitting and BatchNorm
+  recalibration (no labels, so no test split);
 - `digits`: scikit-learn's bundled 8x8 digits (`pip install 'kshare[digits]'`);
 - `fake`: random images for smoke tests, never for results.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
+import logging
+import math
 import pickle
 import struct
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,10 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kshare.errors import DataError
+from kshare.errors import DataError, param
+from kshare.models.recipe import InputRecipe, recipe_of
+
+log = logging.getLogger(__name__)
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
-NAMES = ("fashion-mnist", "cifar10", "cifar100", "imagefolder:PATH", "digits", "fake")
+NAMES = ("fashion-mnist", "cifar10", "cifar100", "imagefolder:PATH", "images:PATH", "digits", "fake")
+MAX_IMAGE_SIZE = 4096  # a side beyond this would not fit in memory for any dataset worth loading
+MAX_FILE_BYTES = 4 << 30  # a decompressed data file larger than this is refused, not read
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot")
 
@@ -47,33 +60,58 @@ class ImageData:
     classes: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    labelled: bool = True  # False for `images:PATH`: pictures to fit and calibrate on, no labels to test
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.images.shape[1:])
 
-    def subset(self, limit: int | None) -> ImageData:
-        """The first `limit` samples (all when None): for quick runs and tests."""
-        if limit is None or limit >= len(self.labels):
+    def subset(self, limit: int | None, seed: int = 0) -> ImageData:
+        """A seeded, class-balanced sample of `limit` images (all when None), in the data's order.
+
+        Not a prefix: an image folder is sorted by class, so its first 200 images may hold two
+        classes. Each class gives its share (a class with fewer images gives all it has)."""
+        n = len(self.labels)
+        if limit is None:
             return self
-        return ImageData(self.name, self.split, self.images[:limit], self.labels[:limit], self.classes,
-                         self.mean, self.std)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise DataError(f"a sample needs at least one image, got {param('limit', limit)}")
+        if limit >= n:
+            return self
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        labels = self.labels[order]
+        rank = torch.empty(n, dtype=torch.long)  # each image's place within its class, in shuffled order
+        for c in labels.unique():
+            mask = labels == c
+            rank[mask] = torch.arange(int(mask.sum()))
+        chosen = order[torch.argsort(rank * (int(labels.max()) + 1) + labels, stable=True)[:limit]].sort().values
+        log.info(f"using a class-balanced sample of {limit:,} of {n:,} {self.name} {self.split} images "
+                 f"(seed {seed})")
+        return dataclasses.replace(self, images=self.images[chosen], labels=self.labels[chosen])
 
 
 def _read_idx(path: Path) -> torch.Tensor:
-    """An idx file (gzipped or not): big-endian header, then unsigned bytes."""
+    """An idx file (gzipped or not): big-endian header, then unsigned bytes, exactly as many as
+    the header's dimensions say."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as fh:
-            raw = fh.read()
+            raw = fh.read(MAX_FILE_BYTES + 1)
+        if len(raw) > MAX_FILE_BYTES:
+            raise ValueError(f"larger than {MAX_FILE_BYTES >> 30} GiB once decompressed")
         zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
-        if zero != 0 or dtype != 0x08:
+        if zero != 0 or dtype != 0x08 or not 1 <= ndim <= 4:
             raise ValueError("not an unsigned-byte idx file")
         dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-        data = torch.frombuffer(bytearray(raw[4 + 4 * ndim :]), dtype=torch.uint8)
-        return data.reshape(dims)
-    except (OSError, ValueError, RuntimeError, struct.error) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
+        body = raw[4 + 4 * ndim :]
+        if len(body) != math.prod(dims):
+            raise ValueError(f"truncated or padded: the header promises {math.prod(dims):,} bytes, the file holds "
+                             f"{len(body):,}")
+        return torch.frombuffer(bytearray(body), dtype=torch.uint8).reshape(dims) if body else \
+            torch.zeros(dims, dtype=torch.uint8)
+    except (OSError, EOFError, zlib.error, ValueError, RuntimeError, struct.error) as exc:
+        what = "truncated (the compressed stream ends early)" if isinstance(exc, EOFError) else str(exc)
+        raise DataError(f"cannot read {path}: {what}") from None
 
 
 def _find(root: Path, stem: str) -> Path:
@@ -89,9 +127,10 @@ def _fashion_mnist(root: Path, split: str) -> ImageData:
     images = _read_idx(_find(root, f"{prefix}-images-idx3-ubyte"))
     labels = _read_idx(_find(root, f"{prefix}-labels-idx1-ubyte"))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise DataError(f"{root}: fashion-mnist images and labels do not match")
-    return ImageData("fashion-mnist", split, images.unsqueeze(1).contiguous(), labels.long(), FASHION_CLASSES,
-                     (0.2860,), (0.3530,))
+        raise DataError(f"{root}: fashion-mnist images and labels do not match ({tuple(images.shape)} images, "
+                        f"{tuple(labels.shape)} labels)")
+    return _checked(ImageData("fashion-mnist", split, images.unsqueeze(1).contiguous(), labels.long(),
+                              FASHION_CLASSES, (0.2860,), (0.3530,)), root)
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -145,49 +184,122 @@ def _cifar(root: Path, split: str, fine: bool) -> ImageData:
         key = "fine_labels" if fine else "labels"
         if "data" not in batch or key not in batch:
             raise DataError(f"{f} is not a CIFAR batch (no 'data'/'{key}')")
-        images.append(torch.as_tensor(batch["data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
-        labels.append(torch.as_tensor(list(batch[key]), dtype=torch.long))
+        try:
+            data = torch.as_tensor(batch["data"])
+            if data.dtype != torch.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+                raise ValueError(f"its 'data' is {tuple(data.shape)} {data.dtype}, not N x 3072 uint8")
+            found = torch.as_tensor(list(batch[key]), dtype=torch.long)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise DataError(f"{f} is not a CIFAR batch: {str(exc)[:160]}") from None
+        if found.ndim != 1 or len(found) != len(data):
+            raise DataError(f"{f} is a damaged CIFAR batch: {len(found)} labels for {len(data)} images")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(found)
     meta = _unpickle(folder / ("meta" if fine else "batches.meta"))
     names = meta.get("fine_label_names" if fine else "label_names") or []
-    classes = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    if not isinstance(names, (list, tuple)):
+        raise DataError(f"{folder} has a damaged meta file: its class names are not a list")
+    classes = tuple(n.decode(errors="replace") if isinstance(n, bytes) else str(n) for n in names)
     if fine:
         mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
     else:
         mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-    return ImageData("cifar100" if fine else "cifar10", split, torch.cat(images), torch.cat(labels),
-                     classes or tuple(str(i) for i in range(100 if fine else 10)), mean, std)
+    return _checked(ImageData("cifar100" if fine else "cifar10", split, torch.cat(images), torch.cat(labels),
+                              classes or tuple(str(i) for i in range(100 if fine else 10)), mean, std), folder)
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+def _decode(files: list[Path], size: int) -> tuple[torch.Tensor, int]:
+    """Decode and resize images to (N, C, size, size) uint8: one channel when every image is
+    grayscale, three otherwise; and how many grayscale images were turned into RGB."""
+    from PIL import Image
+
+    decoded = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # a huge image is refused, not decoded
+        for f in files:
+            try:
+                with Image.open(f) as img:
+                    gray = img.mode in GRAY_MODES
+                    decoded.append((img.convert("L" if gray else "RGB").resize((size, size), Image.BILINEAR), gray))
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+                    Image.DecompressionBombWarning) as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise DataError(f"cannot decode {f}: {first[:160]}") from None
+    channels = 1 if all(gray for _, gray in decoded) else 3
+    tensors = [torch.frombuffer(bytearray(img.convert("L" if channels == 1 else "RGB").tobytes()), dtype=torch.uint8)
+               .reshape(size, size, channels).permute(2, 0, 1) for img, _ in decoded]
+    converted = sum(gray for _, gray in decoded) if channels == 3 else 0
+    return torch.stack(tensors), converted
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return [f for f in sorted(folder.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def _normalisation(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ImageNet's statistics, the usual choice for photos (their mean over channels for gray images)."""
+    return ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if channels == 3 else ((0.449,), (0.226,))
 
 
 def _imagefolder(path: Path, split: str, size: int) -> ImageData:
     """`path/<split>/<class>/*` if that exists, else `path/<class>/*` (the same for both splits)."""
-    from PIL import Image
-
     root = path / split if (path / split).is_dir() else path
     if not root.is_dir():
         raise DataError(f"image folder not found: {path}")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
         raise DataError(f"{root} has no class sub-folders (expected {root}/<class>/<image files>)")
-    images, labels = [], []
+    files, labels = [], []
     for index, cls in enumerate(classes):
-        for f in sorted((root / cls).iterdir()):
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(f) as img:
-                    rgb = img.convert("RGB").resize((size, size), Image.BILINEAR)
-            except OSError as exc:
-                raise DataError(f"cannot decode {f}: {exc}") from None
-            tensor = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).reshape(size, size, 3)
-            images.append(tensor.permute(2, 0, 1))
-            labels.append(index)
-    if not images:
+        found = _image_files(root / cls)
+        files += found
+        labels += [index] * len(found)
+    if not files:
         raise DataError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return ImageData(f"imagefolder:{path}", split, torch.stack(images), torch.tensor(labels), tuple(classes),
-                     (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    images, converted = _decode(files, size)
+    if converted:
+        log.info(f"imagefolder:{path}: {converted} grayscale image(s) converted to RGB to match the others")
+    mean, std = _normalisation(images.shape[1])
+    return _checked(ImageData(f"imagefolder:{path}", split, images, torch.tensor(labels), tuple(classes), mean, std),
+                    root)
+
+
+def _unlabelled(path: Path, size: int) -> ImageData:
+    """`images:PATH`: a flat folder of pictures with no labels, for fitting and recalibration."""
+    if not path.is_dir():
+        raise DataError(f"image folder not found: {path}")
+    files = _image_files(path)
+    if not files:
+        raise DataError(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) directly inside it")
+    images, converted = _decode(files, size)
+    if converted:
+        log.info(f"images:{path}: {converted} grayscale image(s) converted to RGB to match the others")
+    mean, std = _normalisation(images.shape[1])
+    return ImageData(f"images:{path}", "train", images, torch.zeros(len(files), dtype=torch.long), ("unlabelled",),
+                     mean, std, labelled=False)
+
+
+def _checked(data: ImageData, where: Path | str) -> ImageData:
+    """Every label names a class, and there is at least one image."""
+    if len(data.labels) == 0:
+        raise DataError(f"{where}: the {data.split} split of {data.name} holds no images")
+    low, high = int(data.labels.min()), int(data.labels.max())
+    if low < 0 or high >= len(data.classes):
+        raise DataError(f"{where}: {data.name} has label {low if low < 0 else high}, outside its "
+                        f"{len(data.classes)} classes")
+    return data
+
+
+def check_splits(train: ImageData, test: ImageData) -> None:
+    """The two splits of one dataset must name the same classes in the same order."""
+    if train.labelled and test.labelled and train.classes != test.classes:
+        theirs = set(train.classes) ^ set(test.classes)
+        detail = f" ({', '.join(sorted(theirs)[:3])} in one only)" if theirs else " (in another order)"
+        raise DataError(f"{train.name}: the train and test splits name different classes{detail}")
 
 
 def _digits(split: str) -> ImageData:
@@ -230,8 +342,16 @@ def load_data(name: str, split: str, root: str | Path | None = None, image_size:
         if not Path(root).is_dir():
             raise DataError(f"data root not found: {root}")
         return _cifar(Path(root), split, fine=name == "cifar100")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or not 1 <= image_size <= MAX_IMAGE_SIZE):
+        raise DataError(f"bad image size {image_size!r}: expected 1 to {MAX_IMAGE_SIZE} pixels "
+                        f"({param('image_size')})")
     if name.startswith("imagefolder:"):
         return _imagefolder(Path(name.partition(":")[2]), split, image_size or 224)
+    if name.startswith("images:"):
+        if split != "train":
+            raise DataError(f"{name} holds unlabelled images: it can fit and recalibrate a model, not test it")
+        return _unlabelled(Path(name.partition(":")[2]), image_size or 224)
     if name == "digits":
         return _digits(split)
     if name == "fake":
@@ -282,6 +402,53 @@ class Adapter:
             mask = torch.rand(x.shape[0], device=x.device) < 0.5
             x = torch.where(mask.view(-1, 1, 1, 1), x.flip(3), x)
         return x.contiguous()
+
+
+def adapter_for(model: nn.Module, data: ImageData, image_size: int | None = None, *, augment: bool = False,
+                announce: bool = False) -> Adapter:
+    """How `data` is fed to `model`: at the size and with the normalisation the model was trained
+    on (its recipe, `kshare.models.recipe`), unless `image_size` says otherwise; channels matched
+    to its first convolution. `announce`: log how the data is adapted, and warn where it differs
+    from what the model was trained on."""
+    channels = input_channels(model)
+    recipe = recipe_of(model)
+    if recipe is not None and recipe.channels == channels and len(recipe.size) == 2:
+        size = (image_size, image_size) if image_size else tuple(recipe.size)
+        adapter = Adapter(channels, size, recipe.mean, recipe.std,  # type: ignore[arg-type]
+                          flip=augment and data.name not in ("fashion-mnist", "digits"))
+    else:
+        adapter = Adapter.for_model(data, channels, image_size, augment)
+    if announce:
+        note = adapter.describe(data)
+        if note:
+            log.info(note)
+        for warning in _differences(recipe, data, image_size):
+            log.warning(warning)
+    return adapter
+
+
+def _differences(recipe: InputRecipe | None, data: ImageData, image_size: int | None) -> list[str]:
+    """What about `data` differs from what the model was trained on."""
+    if recipe is None:
+        return []
+    found = []
+    if recipe.data and data.name != recipe.data:
+        found.append(f"the model was trained on {recipe.data}; this is {data.name}")
+    if image_size and len(recipe.size) == 2 and (image_size, image_size) != tuple(recipe.size):
+        found.append(f"the model was trained at {recipe.size[0]}x{recipe.size[1]}; feeding it "
+                     f"{image_size}x{image_size} as asked")
+    if data.labelled and recipe.classes and len(recipe.classes) == len(data.classes) \
+            and tuple(recipe.classes) != data.classes:
+        found.append(f"{data.name} names its classes differently from the model's ({data.classes[0]!r} vs "
+                     f"{recipe.classes[0]!r} first): outputs are read in the model's order")
+    return found
+
+
+def recipe_for(adapter: Adapter, data: ImageData) -> InputRecipe:
+    """What a model trained on `data` through `adapter` must be fed from now on."""
+    size = adapter.size or tuple(data.shape[1:])
+    return InputRecipe((adapter.channels, *size), adapter.mean, adapter.std,
+                       data.classes if data.labelled else (), data.name)
 
 
 def input_channels(model: nn.Module) -> int:

@@ -1,0 +1,84 @@
+"""`TrainConfig`: everything that decides what a fine-tune run computes, checked on creation
+(a NaN learning rate or a negative batch is refused here, not found in a traceback later)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from kshare.errors import TrainingError, param
+from kshare.training.data import MAX_IMAGE_SIZE
+from kshare.training.precision import PRECISIONS
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What a fine-tune run computes (stored in its checkpoints).
+
+    `precision` (`auto`, `bf16`, `fp16`, `fp32`) and `channels_last` (None: auto) choose how
+    steps run (`kshare.training.precision`); `amp=False` keeps `auto` to fp32. `compile` runs
+    the model through `torch.compile`.
+    """
+
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 128
+    optimizer: str = "adamw"
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    warmup_epochs: float = 0.0
+    clip_grad: float = 0.0
+    label_smoothing: float = 0.0
+    distill: bool = False
+    temperature: float = 4.0
+    alpha: float = 0.5
+    seed: int = 0
+    amp: bool = True
+    image_size: int | None = None
+    precision: str = "auto"
+    channels_last: bool | None = None
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise TrainingError(f"unknown optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+        if self.precision not in PRECISIONS:
+            raise TrainingError(f"unknown precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
+        _whole("epochs", self.epochs, 1, 1_000_000)
+        _whole("batch_size", self.batch_size, 1, 1 << 20)
+        _whole("seed", self.seed, 0, 2**63 - 1)
+        if self.image_size is not None:
+            _whole("image_size", self.image_size, 1, MAX_IMAGE_SIZE)
+        _number("lr", self.lr, 0.0, 1e3, low_open=True)
+        _number("weight_decay", self.weight_decay, 0.0, 1e3)
+        _number("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        _number("warmup_epochs", self.warmup_epochs, 0.0, 1e6)
+        _number("clip_grad", self.clip_grad, 0.0, math.inf)
+        _number("label_smoothing", self.label_smoothing, 0.0, 1.0)
+        _number("temperature", self.temperature, 0.0, 1e3, low_open=True)
+        _number("alpha", self.alpha, 0.0, 1.0)
+        for name in ("distill", "amp", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise TrainingError(f"{param(name)} must be true or false, got {getattr(self, name)!r}")
+        if self.channels_last is not None and not isinstance(self.channels_last, bool):
+            raise TrainingError(f"{param('channels_last')} must be true, false or None (auto)")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+def _whole(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise TrainingError(f"{param(name)} must be a whole number from {low:,} to {high:,}, got {value!r}")
+
+
+def _number(name: str, value: object, low: float, high: float, low_open: bool = False,
+            high_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        raise TrainingError(f"{param(name)} must be a finite number in {left}{low:g}, {high:g}{right}, got {value!r}")
