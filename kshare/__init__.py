@@ -42,6 +42,7 @@ from kshare.planning import (
 )
 from kshare.surgery import apply_plan, fold, plan_of, untie
 from kshare.training import ImageData, TrainConfig, evaluate, finetune, load_data, recalibrate_bn
+from kshare.training.retrofit import FitConfig, FitReport, fit_and_tie
 
 __all__ = [
     "Analysis",
@@ -50,6 +51,8 @@ __all__ = [
     "ConvSite",
     "DataError",
     "ExportError",
+    "FitConfig",
+    "FitReport",
     "Group",
     "ImageData",
     "InputSizeError",
@@ -80,6 +83,7 @@ __all__ = [
     "export_onnx",
     "export_safetensors",
     "finetune",
+    "fit_and_tie",
     "fold",
     "inspect_model",
     "load",

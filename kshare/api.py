@@ -1,5 +1,5 @@
 """The one-liners users call: `analyze`, `plan` (analysis never changes the model) and `tie`
-(plan, then apply the plan through the surgery layer)."""
+(plan, then apply the plan through the surgery layer, or fit it to data first)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,17 @@ from dataclasses import dataclass
 from torch import nn
 
 from kshare.analysis.inspect import Inspection, inspect_model
-from kshare.errors import PlanError
+from kshare.errors import PlanError, param
+from kshare.kernels import FITTED
 from kshare.models.zoo import ModelSpec, default_input_size, load_model, spec_of
 from kshare.planning.config import SharingConfig
-from kshare.planning.plan import SharingPlan
+from kshare.planning.plan import SharingPlan, with_relaxation
 from kshare.planning.planner import build_plan
 from kshare.planning.reconstruction import with_errors
+from kshare.planning.relaxation import Relaxation
 from kshare.surgery.tie import apply_plan, plan_of, with_init
+from kshare.training.data import ImageData
+from kshare.training.retrofit import FitConfig, fit_and_tie
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,8 @@ def tie(
     *,
     init: str | None = None,
     input_size: Sequence[int] | str | None = None,
+    calib: ImageData | None = None,
+    fit: FitConfig | None = None,
     **options: object,
 ) -> nn.Module:
     """Tie `model` in place by a plan (or a policy, planned here) and return it.
@@ -82,6 +88,11 @@ def tie(
     shared kernel, fitted to its kernel before tying; the plan's totals count them. With a
     ready plan and no `relax`, the plan's own is used. Other keyword options configure the
     policy (`match`, `include`, `exclude`, `min_size`, `share_bias`).
+
+    `calib` (images; labels are not read) fits each shared kernel, and each relaxation, to what
+    the members output on those images instead, then re-estimates BatchNorm statistics there
+    (`kshare.training.retrofit`; `fit` says how): a trained network keeps what it knew. The
+    plan then records each group's output error next to its weight error.
     """
     if plan_of(model) is not None:
         raise PlanError("model is already tied by kshare: call kshare.untie(model) before tying it again")
@@ -94,5 +105,16 @@ def tie(
     else:
         chosen = analyze(model, plan, input_size=input_size, **options).plan
     chosen.validate(model)
+    if calib is not None:
+        if init is not None:
+            raise PlanError(f"a fit to data computes each shared kernel: give {param('init')} or "
+                            f"{param('calib')}, not both")
+        if relax is not None:
+            chosen = with_relaxation(chosen, Relaxation.parse(relax))
+        fit_and_tie(model, chosen, calib, fit or FitConfig())
+        return model
+    if init is None and any(g.init == FITTED for g in chosen.groups):
+        raise PlanError(f"this plan's kernels were fitted to data: pass images as {param('calib')} to fit them "
+                        f"again, or name a weight-space {param('init')}")
     chosen = with_errors(model, with_init(chosen, init))
     return apply_plan(model, chosen, relax=relax)  # type: ignore[arg-type]

@@ -82,24 +82,26 @@ def lowrank_factors(residual: torch.Tensor, rank: int) -> tuple[torch.Tensor, to
 # (F = in/G times the kernel's positions); `X` holds its input patches as columns, so its outputs
 # are W X. Statistics arrive as sums over calibration patches: H = Σ x xᵀ (G × F × F) of the
 # inputs a member sees now, and C = Σ x xᵀ̃ of the untied network's inputs against them (C = H
-# when the two are the same).
+# when the two are the same). Sums and products are float32; solves are float64.
 
 
 def blocks(kernel: torch.Tensor, groups: int) -> torch.Tensor:
-    """A conv kernel (out, in/G, *k) as G blocks of rows: (G, out/G, F), float64."""
-    return kernel.detach().double().reshape(groups, kernel.shape[0] // groups, -1)
+    """A conv kernel (out, in/G, *k) as G blocks of rows: (G, out/G, F), float32."""
+    return kernel.detach().float().reshape(groups, kernel.shape[0] // groups, -1)
 
 
 def damped(gram: torch.Tensor, damp: float) -> torch.Tensor:
-    """`gram` plus `damp` times its mean diagonal on the diagonal, per block (GPTQ's dampening):
-    positive definite even where a calibration set leaves directions unseen."""
+    """`gram` in float64 plus `damp` times its mean diagonal on the diagonal, per block (GPTQ's
+    dampening): positive definite even where a calibration set leaves directions unseen."""
+    gram = gram.double()
     diag = gram.diagonal(dim1=-2, dim2=-1)
     scale = diag.mean(-1).clamp_min(1e-12) * damp
     return gram + torch.diag_embed(scale[:, None].expand_as(diag))
 
 
 def solve_right(a: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """A B⁻¹ for symmetric positive definite blocks B (Cholesky; least squares if that fails)."""
+    """A B⁻¹ in float64 for symmetric positive definite blocks B (Cholesky; least squares if that fails)."""
+    a = a.double()
     try:
         factor = torch.linalg.cholesky(gram)
         return torch.cholesky_solve(a.transpose(-2, -1), factor).transpose(-2, -1)
@@ -107,28 +109,35 @@ def solve_right(a: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
         return torch.linalg.lstsq(gram, a.transpose(-2, -1)).solution.transpose(-2, -1)
 
 
-def shared_fit(targets: Sequence[torch.Tensor], crosses: Sequence[torch.Tensor], grams: Sequence[torch.Tensor],
-               weights: Sequence[float], damp: float = 0.01) -> torch.Tensor:
-    """The kernel W (G, O, F) that minimises Σ_i a_i ‖W X̃_i − W_i X_i‖²: every member's outputs at
-    once, W = (Σ a_i W_i C_i)(Σ a_i H_i + λI)⁻¹, with `targets` W_i, `crosses` C_i = Σ x_i x̃_iᵀ,
-    `grams` H_i = Σ x̃_i x̃_iᵀ and `weights` a_i."""
-    a = sum(w * t @ c for w, t, c in zip(weights, targets, crosses, strict=True))
-    b = sum(w * g for w, g in zip(weights, grams, strict=True))
-    return solve_right(a, damped(b, damp))  # type: ignore[arg-type]
+def shared_fit(pulls: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], weights: Sequence[float],
+               prior: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The kernel W (G, O, F) that minimises Σ_i a_i ‖W X̃_i − W_i X_i‖² + λ‖W − W₀‖²: every member's
+    outputs at once, W = (Σ a_i W_i C_i + λ W₀)(Σ a_i H_i + λI)⁻¹, from each member's `pulls`
+    W_i C_i (C_i = Σ x_i x̃_iᵀ), `grams` H_i = Σ x̃_i x̃_iᵀ and `weights` a_i. λ is `damp` times
+    the mean diagonal; where the calibration inputs leave a direction unseen, the fit keeps the
+    `prior` W₀ (the members' mean) there instead of shrinking it to zero."""
+    a = sum(w * p.double() for w, p in zip(weights, pulls, strict=True))
+    b = sum(w * g.double() for w, g in zip(weights, grams, strict=True))
+    full = damped(b, damp)  # type: ignore[arg-type]
+    ridge = (full - b).diagonal(dim1=-2, dim2=-1)  # λ per block
+    return solve_right(a + ridge[:, None, :] * prior.double(), full)  # type: ignore[operator]
 
 
-def output_error(kernel: torch.Tensor, target: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor,
-                 energy: float) -> float:
-    """‖W X̃ − W_i X‖² from the sums: tr(W H Wᵀ) − 2 tr(W_i C Wᵀ) + ‖W_i X‖² (`energy`)."""
-    fitted = float((kernel @ gram * kernel).sum())
-    mixed = float((target @ cross * kernel).sum())
+def output_error(kernel: torch.Tensor, pull: torch.Tensor, gram: torch.Tensor, energy: float) -> float:
+    """‖W X̃ − W_i X‖² from the sums: tr(W H Wᵀ) − 2 tr(W_i C Wᵀ) + ‖W_i X‖² (`energy`), with
+    `pull` = W_i C."""
+    kernel = kernel.to(gram.dtype)
+    fitted = float((kernel @ gram * kernel).double().sum())
+    mixed = float((pull.to(gram.dtype) * kernel).double().sum())
     return max(fitted - 2 * mixed + energy, 0.0)
 
 
-def scale_fit(kernel: torch.Tensor, target: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """Per output row, the factor s minimising ‖s w X̃ − w_i X‖²: s = w_i C wᵀ / w H wᵀ (G, O)."""
-    top = (target @ cross * kernel).sum(-1)
-    bottom = (kernel @ gram * kernel).sum(-1)
+def scale_fit(kernel: torch.Tensor, pull: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """Per output row, the factor s minimising ‖s w X̃ − w_i X‖²: s = w_i C wᵀ / w H wᵀ (G, O),
+    with `pull` = W_i C."""
+    kernel = kernel.double()
+    top = (pull.double() * kernel).sum(-1)
+    bottom = (kernel @ gram.double() * kernel).sum(-1)
     return top / bottom.clamp_min(1e-30)
 
 
@@ -139,7 +148,7 @@ def whitened_lowrank(residual_target: torch.Tensor, gram: torch.Tensor, rank: in
     truncated SVD of E L in the whitened space (H = L Lᵀ), mapped back by L⁻¹. Each rank goes
     where outputs change most, not where weights do."""
     factor = torch.linalg.cholesky(damped(gram, damp))
-    u, s, vh = torch.linalg.svd(residual_target @ factor, full_matrices=False)
+    u, s, vh = torch.linalg.svd(residual_target.double() @ factor, full_matrices=False)
     root = s[..., :rank].sqrt()
     a = u[..., :rank] * root[..., None, :]
     b_white = root[..., :, None] * vh[..., :rank, :]
@@ -151,5 +160,5 @@ def whitened_spectrum(residual_target: torch.Tensor, gram: torch.Tensor, damp: f
     """The squared singular values of E L, largest first: the output error each further rank of a
     delta removes (what a `lora:auto` allocation by output error spends its budget on)."""
     factor = torch.linalg.cholesky(damped(gram, damp))
-    values = torch.linalg.svdvals(residual_target @ factor).square()
+    values = torch.linalg.svdvals(residual_target.double() @ factor).square()
     return values.flatten().sort(descending=True).values

@@ -77,6 +77,13 @@ def make_residual_bn(**kwargs: int) -> nn.Module:
     return ResidualBNNet(**kwargs)
 
 
+def make_residual_bn_used(**kwargs: int) -> nn.Module:
+    """The same blocks without the conv the forward never uses: every conv can be fitted to data."""
+    model = ResidualBNNet(**kwargs)
+    del model.unused
+    return model
+
+
 class NanOnRankOne(nn.Module):
     """Under torchrun, rank 1's output turns NaN from its third training forward; rank 0's never."""
 

@@ -62,9 +62,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # Python parameters with a flag of the same name here (`image_size` → `--image-size`), and those whose flag differs.
 FLAGGED = frozenset("""alpha batch_size budgets calib_images channels_last clip_grad compile data data_root device
-    distill epochs exclude fit groups image_size images include init input_size label_smoothing limit_test limit_train
-    lr match min_size model momentum opset optimizer out plan precision relax resume seed seeds share_bias teacher
-    teacher_weights temperature trust_code weight_decay weights""".split())
+    distill epochs exclude fit fit_mode groups image_size images include init input_size label_smoothing limit_test
+    limit_train lr match min_size model momentum opset optimizer out plan precision relax resume seed seeds share_bias
+    teacher teacher_weights temperature trust_code weight_decay weights""".split())
 RENAMED = {"warmup_epochs": "--warmup", "policy": "--groups"}
 MODEL_ARGUMENTS = ("num_classes", "in_chans")  # passed as `-k KEY=VALUE`
 
@@ -196,6 +196,14 @@ PrecisionOpt = Annotated[str, typer.Option(help="auto (time the candidates on a 
 ChannelsLastOpt = Annotated[bool | None, typer.Option("--channels-last/--no-channels-last",
                                                       help="Memory format of the steps (default: auto, timed on a "
                                                            "GPU; NCHW on the CPU).", show_default=False)]
+FitOpt = Annotated[str, typer.Option(help="weights: each shared kernel from its members' kernels (--init); data: "
+                                           "fitted to what the members output on --data's images (no labels "
+                                           "needed), BatchNorm re-estimated there.")]
+CalibImagesOpt = Annotated[int, typer.Option(help="Calibration images a data fit reads (a seeded, class-balanced "
+                                                  "sample).")]
+FitModeOpt = Annotated[str, typer.Option(help="sequential: groups fitted in network order on the partially tied "
+                                              "network (best); oneshot: all from one pass of the untied network "
+                                              "(fastest).")]
 CompileOpt = Annotated[bool, typer.Option(help="Run the model through torch.compile (slow to start, faster after).")]
 
 

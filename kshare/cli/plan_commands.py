@@ -22,7 +22,14 @@ from kshare.analysis.signature import MATCH_MODES
 from kshare.api import Analysis, tie
 from kshare.api import analyze as analyze_model
 from kshare.cli.app import (
+    DATA_NAMES,
+    CalibImagesOpt,
+    DataRootOpt,
+    DeviceOpt,
     F,
+    FitModeOpt,
+    FitOpt,
+    ImageSizeOpt,
     InputSizeOpt,
     KwargOpt,
     ModelArg,
@@ -32,19 +39,26 @@ from kshare.cli.app import (
     choice,
     one_line_errors,
 )
-from kshare.cli.report import analysis_json, render_analysis, render_applied, render_info
+from kshare.cli.progress import progress_bars
+from kshare.cli.report import analysis_json, render_analysis, render_applied, render_fit, render_info
 from kshare.cli.report import size as size_text
-from kshare.errors import ExportError, KShareError, PlanError
+from kshare.errors import DataError, ExportError, KShareError, PlanError
 from kshare.io.checkpoint import load, save, summarize
 from kshare.io.onnx_export import export_onnx
 from kshare.io.safetensors_io import export_safetensors
 from kshare.kernels import INITS
 from kshare.models.zoo import catalog, load_model, parse_kwargs
 from kshare.planning.config import POLICY_HELP, SharingConfig, parse_config
-from kshare.planning.plan import SharingPlan
-from kshare.planning.relaxation import RELAX_HELP
+from kshare.planning.plan import SharingPlan, with_relaxation
+from kshare.planning.relaxation import RELAX_HELP, Relaxation
 from kshare.surgery.fold import fold
 from kshare.surgery.tie import plan_of
+from kshare.training.data import adapter_for, load_data
+from kshare.training.evaluate import check_classes
+from kshare.training.retrofit import FitConfig, fit_and_tie
+from kshare.training.runtime import resolve_device
+
+FITS = ("weights", "data")
 
 DEFAULT_MODEL = "kshare:convmixer_256_16"
 
@@ -153,14 +167,33 @@ def apply(
                                                   "(default: the plan's own; budget plans use mean, others first).")
                     ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random init (models built without --weights).")] = 0,
+    fit: FitOpt = "weights",
+    data: Annotated[str | None, typer.Option("--data", help="Images to fit to with --fit data: "
+                                                            + ", ".join(DATA_NAMES) + ".")] = None,
+    data_root: DataRootOpt = None,
+    image_size: ImageSizeOpt = None,
+    calib_images: CalibImagesOpt = 512,
+    fit_mode: FitModeOpt = "sequential",
+    device: DeviceOpt = None,
 ) -> None:
     """Tie the sharing groups of a model and save it: each shared kernel is stored once.
 
     `--groups none` saves the model untied: a baseline checkpoint for `finetune`, `eval`,
-    `--teacher` and `sweep`.
+    `--teacher` and `sweep`. `--fit data --data NAME` fits each shared kernel to what its
+    members output on NAME's images (no labels needed) and re-estimates BatchNorm there.
     """
     if init is not None:
         choice(init, INITS, "--init")
+    choice(fit, FITS, "--fit")
+    if fit == "data":
+        if data is None:
+            raise DataError("--fit data needs images to fit to: pass --data NAME (e.g. images:PATH)")
+        if init is not None:
+            raise PlanError("--fit data computes each shared kernel from data: drop --init")
+        if request.groups == "none" and plan is None:
+            raise PlanError("--fit data with --groups none: no group is tied, so there is nothing to fit")
+    elif data is not None:
+        raise DataError("--data is for --fit data (or use finetune, eval and calibrate for training data)")
     torch.manual_seed(seed)
     if request.groups == "none" and plan is None:
         net, spec = request.build()
@@ -175,6 +208,19 @@ def apply(
     else:
         net, result = request.analyze()
         chosen, spec = result.plan, result.spec
+    if fit == "data":
+        assert data is not None
+        images = load_data(data, "train", data_root, image_size)
+        check_classes(net, images, adapter_for(net, images, image_size, announce=True), torch.device("cpu"))
+        if request.relax is not None:
+            chosen = with_relaxation(chosen, Relaxation.parse(request.relax))
+        with progress_bars() as progress:
+            report = fit_and_tie(net, chosen, images, FitConfig(mode=fit_mode, images=calib_images),
+                                 image_size=image_size, device=resolve_device(device), progress=progress)
+        path = save(net.cpu(), out, spec=spec)
+        render_applied(plan_of(net), path, Console())
+        render_fit(report, Console())
+        return
     tie(net, chosen, init=init, relax=request.relax)
     path = save(net, out, spec=spec)
     render_applied(plan_of(net), path, Console())

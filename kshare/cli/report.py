@@ -13,6 +13,7 @@ from rich.table import Table
 from kshare.analysis.signature import Signature
 from kshare.api import Analysis
 from kshare.planning.plan import SharingPlan
+from kshare.training.retrofit import FitReport
 
 
 def count(n: float) -> str:
@@ -125,6 +126,9 @@ def _groups_table(groups: list[dict[str, Any]], title: str) -> Table:
         table.add_column(col, **kw)
     if errors:
         table.add_column("rel. error", justify="right")
+    outputs = any(g.get("output_error") is not None for g in groups)
+    if outputs:
+        table.add_column("output error", justify="right")
     ranks = any(g.get("ranks") for g in groups)
     if ranks:
         table.add_column("delta ranks", overflow="fold")
@@ -133,6 +137,8 @@ def _groups_table(groups: list[dict[str, Any]], title: str) -> Table:
                _members(tuple(g["members"])), count(g["params_saved"])]
         if errors:
             row.append(f"{g['error']:.3f}" if g.get("error") is not None else "")
+        if outputs:
+            row.append(f"{g['output_error']:.3f}" if g.get("output_error") is not None else "")
         if ranks:
             row.append(_ranks(g.get("ranks", ())))
         table.add_row(*row)
@@ -145,10 +151,23 @@ def render_applied(plan: SharingPlan | None, path: Path, console: Console) -> No
         console.print("[yellow]no sharing group was tied: the saved model is unchanged[/]")
     else:
         console.print(_groups_table([g.to_dict() for g in plan.groups], f"Tied {len(plan.groups)} groups"))
+        if any(g.output_error is not None for g in plan.groups):
+            console.print("rel. error: ‖members − shared kernel‖² / ‖members‖² (weights); output error: the same "
+                          "for the members' outputs on the calibration images")
         t = plan.totals
         relaxed = f", relaxation {plan.relax} included (+{plan.relax_params:,})" if plan.relax != "none" else ""
         console.print(f"parameters {t.params_before:,} → {t.params_after:,} ({t.ratio:.2f}x fewer{relaxed})")
     console.print(f"wrote {path} ({size(path.stat().st_size)})")
+
+
+def render_fit(report: FitReport, console: Console) -> None:
+    """One line on a data fit: how many groups, images, how long; and what moved most."""
+    fitted = [g for g in report.groups if g.fitted]
+    mean = sum(g.mean_output_error for g in fitted) / max(len(fitted), 1)
+    after = sum(g.output_error for g in fitted) / max(len(fitted), 1)
+    recal = f"; BatchNorm re-estimated in {report.recalibrated} layers" if report.recalibrated else ""
+    console.print(f"fitted {len(fitted)} of {len(report.groups)} groups to {report.images:,} images ({report.mode}) in "
+                  f"{report.seconds:.1f} s: mean output error {mean:.3f} with the mean kernel → {after:.3f}{recal}")
 
 
 def render_info(summary: dict[str, Any], console: Console) -> None:
@@ -165,6 +184,12 @@ def render_info(summary: dict[str, Any], console: Console) -> None:
         console.print(f"fine-tuned: epoch {training.get('epoch')} on {training.get('data', '?')}"
                       + (f", test acc {metrics['test_acc']:.4f}" if "test_acc" in metrics else "")
                       + (" (resumable state)" if training.get("resumable") else ""))
+    recipe = summary.get("input")
+    if recipe:
+        console.print(f"fed as trained: input {','.join(map(str, recipe['input_size']))}, mean "
+                      f"{tuple(round(v, 4) for v in recipe['mean'])}, std {tuple(round(v, 4) for v in recipe['std'])}"
+                      + (f", {len(recipe['classes'])} classes" if recipe.get("classes") else "")
+                      + (f" ({recipe['data']})" if recipe.get("data") else ""))
     plan = summary["plan"]
     if not plan:
         console.print("not tied: no sharing plan in this checkpoint")

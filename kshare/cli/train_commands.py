@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -11,12 +14,15 @@ import torch
 import typer
 from torch import nn
 
+from kshare.api import tie
 from kshare.cli.app import (
+    CalibImagesOpt,
     ChannelsLastOpt,
     CompileOpt,
     DataOpt,
     DataRootOpt,
     DeviceOpt,
+    FitModeOpt,
     ImageSizeOpt,
     KwargOpt,
     LimitOpt,
@@ -28,6 +34,7 @@ from kshare.cli.app import (
     csv,
     one_line_errors,
 )
+from kshare.cli.plan_commands import PlanRequest, with_plan_options
 from kshare.cli.plots import plot_sweep
 from kshare.cli.progress import progress_bars
 from kshare.errors import DataError, PlanError, PolicyError, StudyError, TrainingError, WeightsError
@@ -36,13 +43,15 @@ from kshare.kernels import INITS
 from kshare.models.zoo import load_model, parse_kwargs
 from kshare.surgery.tie import plan_of
 from kshare.sweep import SweepConfig, aggregate, pareto, run_sweep
-from kshare.training.calibrate import batch_norms, recalibrate_bn
+from kshare.training.calibrate import batch_norms, recalibrate_bn, recalibrate_on
 from kshare.training.config import TrainConfig
 from kshare.training.data import ImageData, adapter_for, load_data
 from kshare.training.evaluate import check_classes, choose_eval_setup, evaluate
 from kshare.training.loop import finetune as run_finetune
 from kshare.training.resume import resume_state
+from kshare.training.retrofit import FitConfig, fit_and_tie
 from kshare.training.runtime import runtime, shutdown
+from kshare.training.statistics import calibration_batches
 
 
 def _splits(data: str, data_root: Path | None, image_size: int | None, limit_train: int | None,
@@ -286,3 +295,80 @@ def calibrate(
     after = evaluate(net.to(rt.device), test_data, test_adapter, rt=rt)["acc"]
     typer.echo(f"recalibrated {layers} BatchNorm layers on {used}: test acc {before:.4f} → {after:.4f}; "
                f"wrote {target}")
+
+
+@app.command()
+@one_line_errors
+@with_plan_options
+def retrofit(
+    request: PlanRequest,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (the fitted model, or fine-tuned).")],
+    data: DataOpt = "fashion-mnist",
+    data_root: DataRootOpt = None,
+    image_size: ImageSizeOpt = None,
+    calib_images: CalibImagesOpt = 512,
+    fit_mode: FitModeOpt = "sequential",
+    epochs: Annotated[int, typer.Option(help="Fine-tune epochs after the fit (0: none).")] = 0,
+    distill: Annotated[bool, typer.Option(help="Distil the fine-tune from the untied model.")] = True,
+    lr: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Fine-tune images per step.")] = 128,
+    limit_train: LimitOpt = None,
+    limit_test: LimitOpt = None,
+    device: DeviceOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of the calibration sample and the fine-tune.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print each step's figures as JSON.")] = False,
+) -> None:
+    """Tie a trained model and keep what it knows: plan, fit the shared kernels to the data's
+    outputs, re-estimate BatchNorm, optionally fine-tune; test accuracy after every step."""
+    if epochs < 0:
+        raise TrainingError(f"--epochs must be 0 or more, got {epochs}")
+    net, analysis = request.analyze()
+    train_data, test_data = _splits(data, data_root, image_size, limit_train, limit_test)
+    assert train_data is not None
+    rt = runtime(device)
+    net.to(rt.device)
+    test_adapter = adapter_for(net, test_data, image_size, announce=True)
+    check_classes(net, test_data, test_adapter, rt.device)
+    steps: list[dict[str, object]] = []
+
+    def step(name: str, model: nn.Module, seconds: float = 0.0) -> None:
+        acc = evaluate(model, test_data, test_adapter, rt=rt)["acc"]
+        steps.append({"step": name, "test_acc": acc, "seconds": seconds})
+        if not as_json:
+            typer.echo(f"{name:<22} test acc {acc:.4f} ({acc / steps[0]['test_acc']:.1%} of untied)"  # type: ignore[operator]
+                       + (f", {seconds:.1f} s" if seconds else ""))
+
+    step("untied", net)
+    step("tied (mean init)", tie(copy.deepcopy(net), analysis.plan, init="mean"))
+    model = copy.deepcopy(net)
+    config = FitConfig(mode=fit_mode, images=calib_images, recalibrate=False, seed=seed)
+    with progress_bars() as progress:
+        report = fit_and_tie(model, analysis.plan, train_data, config, image_size=image_size, device=rt.device,
+                             progress=progress)
+    step(f"fitted ({fit_mode})", model, report.seconds)
+    start = time.perf_counter()
+    batches = calibration_batches(train_data, min(calib_images, len(train_data.labels)), 128,
+                                  adapter_for(model, train_data, image_size), rt.device, seed)
+    if recalibrate_on(model, batches):
+        step("BatchNorm recalibrated", model, time.perf_counter() - start)
+    if epochs:
+        teacher = copy.deepcopy(net) if distill else None
+        train_config = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, distill=distill, seed=seed,
+                                   image_size=image_size)
+        with progress_bars() as progress:
+            summary = run_finetune(model, train_data, test_data, train_config, out, teacher=teacher,
+                                   device=str(rt.device), progress=progress)
+        steps.append({"step": f"fine-tuned ({epochs} epoch(s))", "test_acc": summary["history"][-1]["test_acc"],
+                      "seconds": sum(r["seconds"] for r in summary["history"])})
+        if not as_json:
+            last = steps[-1]
+            typer.echo(f"{last['step']:<22} test acc {last['test_acc']:.4f} "
+                       f"({last['test_acc'] / steps[0]['test_acc']:.1%} of untied)")  # type: ignore[operator]
+    else:
+        save(model.cpu(), out, spec=analysis.spec)
+    plan = plan_of(model)
+    if as_json:
+        typer.echo(json.dumps({"steps": steps, "plan": plan.to_dict() if plan else None,
+                               "fit": dataclasses.asdict(report), "out": str(out)}))
+    else:
+        typer.echo(f"wrote {out}")

@@ -1,0 +1,264 @@
+"""Calibration statistics: what each convolution sees on real inputs, as streamed sums.
+
+For a member conv, `X` holds its input patches (one column per output position sampled): the
+unfolded window of its input, per conv group (a depthwise conv's "patch" is one channel's
+window). A pass over calibration images accumulates, per member, H = Σ x xᵀ (G × F × F), the
+patch sum Σ x and the row count; with a paired pass of a second network on the same images and
+positions (the untied original next to the partially tied copy), also C = Σ x xᵀ̃ and the
+energy ‖W X‖² of the original's outputs. Memory stays bounded: at most `positions` output
+positions per image and layer are sampled, and only the sums are kept (float32 like GPTQ's,
+with the patch sums and energies in float64).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kshare.errors import DataError
+from kshare.progress import ProgressFn, report
+from kshare.training.calibrate import batch_norms
+from kshare.training.data import Adapter, ImageData
+
+log = logging.getLogger(__name__)
+
+
+def supports(layer: nn.Module) -> bool:
+    """Whether a data fit can read this layer's inputs: 1-D and 2-D convolutions (not transposed),
+    and linear layers (a conv whose patch is the feature vector)."""
+    return isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Linear)) and \
+        not isinstance(layer, nn.modules.conv._ConvTransposeNd)
+
+
+def _pairs(value: Any) -> tuple[int, int]:
+    return (1, int(value[0])) if len(value) == 1 else (int(value[0]), int(value[1]))
+
+
+def _padded(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input padded as the conv pads it (zeros, or its padding mode; `same` worked out)."""
+    kh, kw = _pairs(conv.kernel_size)
+    dh, dw = _pairs(conv.dilation)
+    if conv.padding == "same":
+        total = (dh * (kh - 1), dw * (kw - 1))
+        pad = (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2)
+    elif conv.padding == "valid":
+        pad = (0, 0, 0, 0)
+    else:
+        ph, pw = (0, int(conv.padding[0])) if len(conv.padding) == 1 else _pairs(conv.padding)
+        pad = (pw, pw, ph, ph)
+    if not any(pad):
+        return x
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    return F.pad(x, pad, mode=mode)
+
+
+def patches(conv: nn.Module, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The input windows `conv` reads, as (G, F, N·P) float32: group, fan-in, one column per
+    image and sampled output position (`positions`: flat output indices; None: all of them).
+    Gathered at the sampled positions only, so a large feature map is never unfolded whole. A
+    linear layer's patches are its input vectors."""
+    if isinstance(conv, nn.Linear):
+        rows = x.reshape(-1, x.shape[-1]).float()
+        return (rows if positions is None else rows[positions]).T[None]
+    if x.ndim == 3:  # Conv1d: a 2-D input of height 1
+        x = x.unsqueeze(2)
+    x = _padded(conv, x.float())
+    _, c, h, w = x.shape
+    kh, kw = _pairs(conv.kernel_size)
+    sh, sw = _pairs(conv.stride)
+    dh, dw = _pairs(conv.dilation)
+    out_h, out_w = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    if positions is None:
+        positions = torch.arange(out_h * out_w, device=x.device)
+    oy, ox = positions // out_w, positions % out_w
+    rows = oy[:, None, None] * sh + torch.arange(kh, device=x.device)[None, :, None] * dh
+    cols = ox[:, None, None] * sw + torch.arange(kw, device=x.device)[None, None, :] * dw
+    windows = x[:, :, rows, cols]  # (N, C, P, kh, kw)
+    groups = conv.groups
+    cols_per_group = (c // groups) * kh * kw
+    return windows.permute(1, 3, 4, 0, 2).reshape(groups, cols_per_group, -1)
+
+
+def output_positions(conv: nn.Module, x: torch.Tensor) -> int:
+    """How many output positions `conv` computes per image on input `x` (a linear layer: in all)."""
+    if isinstance(conv, nn.Linear):
+        return x.numel() // x.shape[-1]
+    size = x.shape[2:] if x.ndim == 4 else (1, x.shape[-1])
+    h, w = _padded(conv, torch.empty(1, 1, *size, device="meta")).shape[2:]
+    kh, kw = _pairs(conv.kernel_size)
+    sh, sw = _pairs(conv.stride)
+    dh, dw = _pairs(conv.dilation)
+    return ((h - dh * (kh - 1) - 1) // sh + 1) * ((w - dw * (kw - 1) - 1) // sw + 1)
+
+
+@dataclass
+class Moments:
+    """Sums over a member's calibration patches (see the module docstring)."""
+
+    gram: torch.Tensor  # Σ x̃ x̃ᵀ: (G, F, F), the inputs the member sees in the network being fitted
+    total: torch.Tensor  # Σ x̃: (G, F)
+    rows: int = 0
+    cross: torch.Tensor | None = None  # Σ x x̃ᵀ, the untied network's inputs against them (None: the same)
+    source_total: torch.Tensor | None = None  # Σ x
+    energy: float = 0.0  # ‖W_i X‖²: the original member's output energy on its own inputs
+    energy_total: torch.Tensor | None = None  # Σ W_i x (per output row), to centre the energy
+
+    def centred(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(gram, cross, energy) about the means: what a following BatchNorm, which removes each
+        channel's mean, lets matter."""
+        mean = (self.total / max(self.rows, 1)).float()
+        gram = self.gram - self.rows * mean[:, :, None] * mean[:, None, :]
+        if self.cross is None:
+            cross = gram
+        else:
+            source = (self.source_total / max(self.rows, 1)).float()  # type: ignore[operator]
+            cross = self.cross - self.rows * source[:, :, None] * mean[:, None, :]
+        energy = self.energy
+        if self.energy_total is not None:
+            energy -= float(self.energy_total.square().sum()) / max(self.rows, 1)
+        return gram, cross, energy
+
+    def raw(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return self.gram, self.gram if self.cross is None else self.cross, self.energy
+
+
+@dataclass
+class _Collector:
+    """Hooks that sample each watched conv's input patches on every batch."""
+
+    names: dict[nn.Module, str]
+    positions: int
+    seed: int
+    batch: int = 0
+    seen: dict[str, torch.Tensor] = field(default_factory=dict)  # patches of the batch, by member
+    stop_after: set[str] = field(default_factory=set)
+    done: set[str] = field(default_factory=set)
+
+    @contextmanager
+    def watching(self, model: nn.Module, keep: Any) -> Iterator[None]:
+        """While the block runs, `keep(name, conv, patches)` hears of every watched conv's input."""
+        modules = {m: n for n, m in model.named_modules() if n in set(self.names.values())}
+
+        def hook(conv: nn.Module, inputs: tuple[Any, ...]) -> None:
+            name = modules[conv]
+            keep(name, conv, self.sample_named(conv, name, inputs[0]))
+            self.done.add(name)
+            if self.stop_after and self.stop_after <= self.done:
+                raise _Enough
+
+        handles = [m.register_forward_pre_hook(hook) for m in modules]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def sample_named(self, conv: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+        count = output_positions(conv, x)
+        chosen = None
+        if count > self.positions * (x.shape[0] if isinstance(conv, nn.Linear) else 1):
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + _stable(name) * 97 + self.batch) % (2**63))
+            keep = self.positions * (x.shape[0] if isinstance(conv, nn.Linear) else 1)
+            chosen = torch.randperm(count, generator=gen)[:keep].to(x.device)
+        return patches(conv, x, chosen)
+
+
+class _Enough(Exception):
+    """Raised by a hook once every watched conv has seen the batch: the rest of the forward is skipped."""
+
+
+def _stable(name: str) -> int:
+    return sum((i + 1) * ord(c) for i, c in enumerate(name))
+
+
+def _run(model: nn.Module, x: torch.Tensor) -> None:
+    try:
+        model(x)
+    except _Enough:
+        pass
+
+
+def calibration_batches(data: ImageData, images: int, batch_size: int, adapter: Adapter, device: torch.device,
+                        seed: int = 0) -> list[torch.Tensor]:
+    """The calibration images as adapted batches on `device`: a seeded sample of `images` (class-
+    balanced when labelled). Asking for more images than the data holds is an error, not a shrug."""
+    if images > len(data.labels):
+        raise DataError(f"{data.name} holds {len(data.labels):,} images; {images:,} calibration images asked for")
+    sample = data.subset(images, seed=seed) if images < len(data.labels) else data
+    return [adapter(sample.images[i : i + batch_size].to(device)) for i in range(0, len(sample.labels), batch_size)]
+
+
+@torch.no_grad()
+def collect(model: nn.Module, members: Sequence[str], batches: Sequence[torch.Tensor], *,
+            source: nn.Module | None = None, positions: int = 64, seed: int = 0, recalibrate: bool = False,
+            progress: ProgressFn | None = None, task: str = "statistics") -> dict[str, Moments]:
+    """Moments of `members`' inputs in `model` over `batches` (eval mode, no gradient).
+
+    With `source` (the untied original), each batch also runs through it first, at the same
+    sampled positions, for the cross sums and the original outputs' energy. The forward stops
+    once every member has seen the batch. `recalibrate`: the same pass re-estimates `model`'s
+    BatchNorm statistics up to the members (their layers normalise each batch by its own
+    statistics meanwhile, which at calibration batch sizes match what they accumulate)."""
+    convs = dict(model.named_modules())
+    originals = dict(source.named_modules()) if source is not None else convs
+    found: dict[str, Moments] = {}
+    collector = _Collector({convs[n]: n for n in members}, positions, seed, stop_after=set(members))
+    source_collector = _Collector({originals[n]: n for n in members}, positions, seed, stop_after=set(members))
+    nets = [net for net in (model, source) if net is not None]
+    modes = [(m, m.training) for net in nets for m in net.modules()]
+    for net in nets:
+        net.eval()
+    norms = [(m, m.momentum) for m in batch_norms(model)] if recalibrate else []
+    for norm, _ in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over the batches
+        norm.train()
+    try:
+        for index, x in enumerate(batches):
+            collector.batch = source_collector.batch = index
+            collector.done, source_collector.done = set(), set()
+            held: dict[str, torch.Tensor] = {}
+            if source is not None:
+                with source_collector.watching(source, lambda name, conv, p, held=held: held.__setitem__(name, p)):
+                    _run(source, x)
+
+            def keep(name: str, conv: nn.Module, p: torch.Tensor, held: dict[str, torch.Tensor] = held) -> None:
+                m = found.get(name)
+                if m is None:
+                    m = found[name] = Moments(torch.zeros(p.shape[0], p.shape[1], p.shape[1], device=p.device),
+                                              torch.zeros(p.shape[:2], dtype=torch.float64, device=p.device))
+                m.gram.baddbmm_(p, p.transpose(1, 2))
+                m.total += p.sum(-1).double()
+                m.rows += p.shape[-1]
+                original = held.get(name, p)
+                weight = originals[name].weight.detach().float()
+                outputs = weight.reshape(p.shape[0], -1, p.shape[1]) @ original  # (G, O, R): W_i X
+                m.energy += float(outputs.square().sum(dtype=torch.float64))
+                row_sums = outputs.sum(-1).double()
+                m.energy_total = row_sums if m.energy_total is None else m.energy_total + row_sums
+                if source is not None:
+                    if m.cross is None:
+                        m.cross = torch.zeros_like(m.gram)
+                    m.cross.baddbmm_(original, p.transpose(1, 2))
+                    total = original.sum(-1).double()
+                    m.source_total = total if m.source_total is None else m.source_total + total
+
+            with collector.watching(model, keep):
+                _run(model, x)
+            report(progress, task, index + 1, len(batches))
+    finally:
+        for m, flag in modes:
+            m.training = flag
+        for norm, momentum in norms:
+            norm.momentum = momentum
+    missing = [n for n in members if n not in found]
+    if missing:
+        raise DataError(f"the forward pass never reached {missing[0]!r}: it cannot be fitted to data")
+    return found
