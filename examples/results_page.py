@@ -305,11 +305,22 @@ def markdown(header: dict[str, Any], records: list[RunRecord], study: Study, com
 
 
 def results_page(header: dict[str, Any], records: list[RunRecord], study: Study, command: str, images: list[Path],
-                 docs: Path, sweeps: Sequence[Path] = (), sweep_script: Path | None = None) -> str:
-    """The whole `docs/results.md`: the study's sections, then published sweeps as section 3."""
+                 docs: Path, sweeps: Sequence[Path] = (), sweep_script: Path | None = None,
+                 retrofit: Path | None = None) -> str:
+    """The whole `docs/results.md`: the study's sections, published sweeps as section 3, and the
+    data-aware retrofit study as section 4."""
     page = markdown(header, records, study, command, images, docs)
-    if not sweeps:
-        return page
+    if sweeps:
+        page = _sweep_section(page, docs, sweeps, sweep_script)
+    if retrofit is not None:
+        from retrofit_pages import retrofit_section
+        from retrofit_study import read_study as read_retrofit
+
+        page += "\n" + retrofit_section(*read_retrofit(retrofit), "examples/retrofit_study.py")
+    return page
+
+
+def _sweep_section(page: str, docs: Path, sweeps: Sequence[Path], sweep_script: Path | None) -> str:
     page += "\n## 3. Beyond the paper: budget plans, relaxations, distillation\n\n"
     if sweep_script:
         page += f"Made end to end (baseline, sweeps, this section) by `bash {sweep_script}`.\n\n"

@@ -3,23 +3,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from kshare.analysis.inspect import Inspection, inspect_model
 from kshare.errors import PlanError, param
 from kshare.kernels import FITTED
 from kshare.models.zoo import ModelSpec, default_input_size, load_model, spec_of
-from kshare.planning.config import SharingConfig
+from kshare.planning.config import BudgetConfig, SharingConfig, parse_config
 from kshare.planning.plan import SharingPlan, with_relaxation
 from kshare.planning.planner import build_plan
 from kshare.planning.reconstruction import with_errors
 from kshare.planning.relaxation import Relaxation
 from kshare.surgery.tie import apply_plan, plan_of, with_init
 from kshare.training.data import ImageData
-from kshare.training.retrofit import FitConfig, fit_and_tie
+from kshare.training.retrofit import FitConfig, fit_and_tie, output_metric
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ def analyze(
     input_size: Sequence[int] | str | None = None,
     method: str = "auto",
     spec: ModelSpec | None = None,
+    metric: Mapping[str, tuple[torch.Tensor, float]] | None = None,
     **options: object,
 ) -> Analysis:
     """Inspect `model` (a module, or a name `kshare.models.zoo` resolves) and plan its sharing.
@@ -47,14 +49,16 @@ def analyze(
     the conv parameters); keyword `options` (`match`, `include`, `exclude`, `min_size`,
     `share_bias`, `relax`) replace the config's fields. A relaxation (`relax="lora:4"`) is
     counted in the totals, and in a budget. `spec` records where a module came from (set
-    automatically when `model` is a name).
+    automatically when `model` is a name). `metric` (`kshare.training.retrofit.output_metric`)
+    makes a budget plan group by output error on real images.
     """
     if isinstance(model, str):
         model, spec = load_model(model)
     spec = spec or spec_of(model)
     size = input_size if input_size is not None else default_input_size(model, spec)
     inspection = inspect_model(model, size, method=method)
-    plan = build_plan(model, policy, inspection=inspection, source=spec.ref if spec else None, **options)
+    plan = build_plan(model, policy, inspection=inspection, source=spec.ref if spec else None, metric=metric,
+                      **options)
     return Analysis(inspection=inspection, plan=plan, spec=spec)
 
 
@@ -103,7 +107,13 @@ def tie(
             raise PlanError(f"policy options {sorted(options)} apply to a policy, not to a ready plan")
         chosen = plan
     else:
-        chosen = analyze(model, plan, input_size=input_size, **options).plan
+        config = parse_config(plan, **options)
+        metric = None
+        if calib is not None and isinstance(config, BudgetConfig):  # group by output error on the same images
+            size = input_size if input_size is not None else default_input_size(model, spec_of(model))
+            names = [s.name for s in inspect_model(model, size).sites]
+            metric = output_metric(model, names, calib, fit or FitConfig())
+        chosen = analyze(model, config, input_size=input_size, metric=metric).plan
     chosen.validate(model)
     if calib is not None:
         if init is not None:

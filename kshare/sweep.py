@@ -32,7 +32,7 @@ from kshare.api import analyze
 from kshare.errors import PlanError, StudyError, param
 from kshare.io.checkpoint import save
 from kshare.models.zoo import spec_of
-from kshare.planning.budget import budget_plan
+from kshare.planning.budget import Metric, budget_plan
 from kshare.planning.config import PositionalConfig, SharingConfig, parse_config
 from kshare.planning.plan import SharingPlan
 from kshare.planning.relaxation import Relaxation
@@ -133,15 +133,16 @@ def aggregate(rows: list[SweepRow]) -> list[SweepRow]:
 
 
 def matched_budget(model: nn.Module, inspection: Inspection, target: int, relaxation: Relaxation,
-                   policy: SharingConfig, max_bytes: int | None = None) -> SharingPlan | None:
+                   policy: SharingConfig, max_bytes: int | None = None, metric: Metric | None = None
+                   ) -> SharingPlan | None:
     """The budget plan that, with `relaxation` counted, stores the most parameters not above `target`
     (a whole-model count, such as another plan's `params_after`) and, given `max_bytes`, whose
-    checkpoint is no larger; None when none fits."""
+    checkpoint is no larger; None when none fits. `metric`: group by output error (`build_plan`)."""
     stats = inspection.stats
     while True:
         fraction = (target - (stats.params - stats.conv_params)) / stats.conv_params
         try:
-            plan = budget_plan(model, inspection, fraction, policy, relaxation=relaxation)
+            plan = budget_plan(model, inspection, fraction, policy, relaxation=relaxation, metric=metric)
         except PlanError:  # out of reach: even the most sharing stores more
             return None
         over = 0 if max_bytes is None else stored_size(model, plan) - max_bytes

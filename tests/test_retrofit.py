@@ -296,3 +296,28 @@ def test_unlabelled_images_fit_and_recalibrate(trained: nn.Module, tmp_path: Pat
     assert all(g.output_error is not None for g in kshare.plan_of(model).groups)
     with pytest.raises(kshare.DataError, match="no labels"):
         kshare.evaluate(model, images)
+
+
+def test_budget_plans_by_output_error(trained: nn.Module, digits) -> None:
+    """With output statistics, a budget plan clusters kernels in the space where squared distance
+    is relative output error, and allots delta ranks by the output error each removes."""
+    from kshare.planning.reconstruction import output_vectors
+    from kshare.training.retrofit import output_metric
+
+    train, _ = digits
+    names = [s.name for s in kshare.inspect_model(trained, (1, 8, 8)).sites]
+    metric = output_metric(trained, names, train, FitConfig(images=256))
+    assert metric is not None and set(metric) == set(names)
+    members = [m for m in names if dict(trained.named_modules())[m].weight.shape == (16, 16, 3, 3)]
+    convs = [dict(trained.named_modules())[m] for m in members]
+    vectors = output_vectors([c.weight for c in convs], [metric[m] for m in members], damp=0.0)
+    pooled = sum(metric[m][0].double() / metric[m][1] for m in members) / len(members)
+    diff = (convs[0].weight - convs[1].weight).detach().double().reshape(1, 16, -1)
+    assert float((vectors[0] - vectors[1]).square().sum()) == pytest.approx(float((diff @ pooled * diff).sum()),
+                                                                            rel=1e-6)
+    plan = kshare.plan(trained, "budget:0.6", input_size=(1, 8, 8), relax="lora:auto", metric=metric)
+    assert any("output error" in n for n in plan.notes) and plan.totals.conv_params_after <= 0.6 * \
+        plan.totals.conv_params_before + 1
+    tied = kshare.tie(copy.deepcopy(trained), "budget:0.6", input_size=(1, 8, 8), calib=train,
+                      fit=FitConfig(images=256))
+    assert any("output error" in n for n in kshare.plan_of(tied).notes)  # tie(calib=) plans by output error

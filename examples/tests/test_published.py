@@ -32,7 +32,8 @@ def test_results_page_is_rendered_from_the_committed_study_and_sweep(monkeypatch
     assert len(images) == 3
     order = [m[1] for m in re.finditer(r"!\[(\w+)\]\(img/", published)]
     images = sorted(images, key=lambda p: order.index(p.stem))
-    rendered = results_page(header, records, study, command[1], images, args.docs, args.sweep, args.sweep_script)
+    rendered = results_page(header, records, study, command[1], images, args.docs, args.sweep, args.sweep_script,
+                            args.retrofit)
     assert rendered == published
 
 

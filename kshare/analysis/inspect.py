@@ -158,7 +158,7 @@ class _Recorder:
 
 
 @contextmanager
-def _analysis_mode(model: nn.Module) -> Iterator[None]:
+def analysis_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and no_grad for one forward; every module's train flag restored after."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -269,7 +269,7 @@ def inspect_model(
     x = _example_input(model, size)
 
     used, fallback = "hooks", None
-    with _analysis_mode(model):
+    with analysis_mode(model):
         recorder = _Recorder(names)
         if method in ("auto", "fx"):
             try:

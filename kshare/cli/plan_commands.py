@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from torch import nn
 
-from kshare.analysis.inspect import METHODS
+from kshare.analysis.inspect import METHODS, inspect_model
 from kshare.analysis.signature import MATCH_MODES
 from kshare.api import Analysis, tie
 from kshare.api import analyze as analyze_model
@@ -47,15 +47,15 @@ from kshare.io.checkpoint import load, save, summarize
 from kshare.io.onnx_export import export_onnx
 from kshare.io.safetensors_io import export_safetensors
 from kshare.kernels import INITS
-from kshare.models.zoo import catalog, load_model, parse_kwargs
-from kshare.planning.config import POLICY_HELP, SharingConfig, parse_config
+from kshare.models.zoo import catalog, default_input_size, load_model, parse_kwargs
+from kshare.planning.config import POLICY_HELP, BudgetConfig, SharingConfig, parse_config
 from kshare.planning.plan import SharingPlan, with_relaxation
 from kshare.planning.relaxation import RELAX_HELP, Relaxation
 from kshare.surgery.fold import fold
 from kshare.surgery.tie import plan_of
-from kshare.training.data import adapter_for, load_data
+from kshare.training.data import ImageData, adapter_for, decode_size, load_data
 from kshare.training.evaluate import check_classes
-from kshare.training.retrofit import FitConfig, fit_and_tie
+from kshare.training.retrofit import FitConfig, fit_and_tie, output_metric
 from kshare.training.runtime import resolve_device
 
 FITS = ("weights", "data")
@@ -90,15 +90,20 @@ class PlanRequest:
         with Console(stderr=True).status(f"building {self.model}…"):
             return load_model(self.model, parse_kwargs(self.kwarg), self.weights)
 
-    def analyze(self) -> tuple[nn.Module, Analysis]:
-        """Build the model and plan it."""
+    def analyze(self, metric: Callable[[nn.Module, list[str]], Any] | None = None) -> tuple[nn.Module, Analysis]:
+        """Build the model and plan it; `metric(model, conv names)` gives a budget plan output statistics."""
         config = self.config()
         choice(self.trace, METHODS, "--trace")
         net, spec = self.build()
+        stats = None
+        if metric is not None and isinstance(config, BudgetConfig):
+            size = self.input_size if self.input_size is not None else default_input_size(net, spec)
+            stats = metric(net, [s.name for s in inspect_model(net, size, method=self.trace).sites])
         # a budget plan clusters every kernel, many times over with a relaxation: up to a minute on resnet50
         relaxed = "" if not config.relax.active else f" with {config.relax.name}"
         with Console(stderr=True).status(f"planning {config.name}{relaxed}…"):
-            return net, analyze_model(net, config, input_size=self.input_size, method=self.trace, spec=spec)
+            return net, analyze_model(net, config, input_size=self.input_size, method=self.trace, spec=spec,
+                                      metric=stats)
 
 
 _PLAN_OPTIONS: list[tuple[str, Any, Any]] = [  # name, annotation, default: declared once for both commands
@@ -200,23 +205,36 @@ def apply(
         path = save(net, out, spec=spec)
         render_applied(None, path, Console())
         return
+    config = FitConfig(mode=fit_mode, images=calib_images)
+    dev = resolve_device(device)
+    loaded: list[ImageData] = []
+
+    def calibration(net: nn.Module) -> ImageData:  # read once, at the size the model was trained at
+        if not loaded:
+            assert data is not None
+            loaded.append(load_data(data, "train", data_root, decode_size(net, image_size)))
+        return loaded[0]
+
+    def metric(net: nn.Module, names: list[str]) -> Any:  # a budget plan then groups kernels by output error
+        images = calibration(net)
+        check_classes(net, images, adapter_for(net, images, image_size), torch.device("cpu"))  # before a long pass
+        return output_metric(net, names, images, config, image_size=image_size, device=dev)
+
     if plan is not None:
         if not plan.is_file():
             raise PlanError(f"plan file not found: {plan}")
         chosen = SharingPlan.from_json(plan.read_text())
         net, spec = request.build()
     else:
-        net, result = request.analyze()
+        net, result = request.analyze(metric if fit == "data" else None)
         chosen, spec = result.plan, result.spec
     if fit == "data":
-        assert data is not None
-        images = load_data(data, "train", data_root, image_size)
+        images = calibration(net)
         check_classes(net, images, adapter_for(net, images, image_size, announce=True), torch.device("cpu"))
         if request.relax is not None:
             chosen = with_relaxation(chosen, Relaxation.parse(request.relax))
         with progress_bars() as progress:
-            report = fit_and_tie(net, chosen, images, FitConfig(mode=fit_mode, images=calib_images),
-                                 image_size=image_size, device=resolve_device(device), progress=progress)
+            report = fit_and_tie(net, chosen, images, config, image_size=image_size, device=dev, progress=progress)
         path = save(net.cpu(), out, spec=spec)
         render_applied(plan_of(net), path, Console())
         render_fit(report, Console())

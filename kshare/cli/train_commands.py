@@ -45,7 +45,7 @@ from kshare.surgery.tie import plan_of
 from kshare.sweep import SweepConfig, aggregate, pareto, run_sweep
 from kshare.training.calibrate import batch_norms, recalibrate_bn, recalibrate_on
 from kshare.training.config import TrainConfig
-from kshare.training.data import ImageData, adapter_for, load_data
+from kshare.training.data import ImageData, adapter_for, decode_size, load_data
 from kshare.training.evaluate import check_classes, choose_eval_setup, evaluate
 from kshare.training.loop import finetune as run_finetune
 from kshare.training.resume import resume_state
@@ -56,7 +56,8 @@ from kshare.training.statistics import calibration_batches
 
 def _splits(data: str, data_root: Path | None, image_size: int | None, limit_train: int | None,
             limit_test: int | None, train: bool = True) -> tuple[ImageData | None, ImageData]:
-    """The (train, test) splits a command asked for, limits applied (train None when not needed)."""
+    """The (train, test) splits a command asked for, limits applied (train None when not needed);
+    `image_size`: the size image folders are decoded at (`decode_size`)."""
     for name, value in (("--limit-train", limit_train), ("--limit-test", limit_test)):
         if value is not None and value < 1:
             raise DataError(f"{name} must be at least 1, got {value}")
@@ -114,7 +115,7 @@ def sweep(
         baseline = payload.get("extra", {}).get("finetune")
     else:
         net, _ = load_model(source, parse_kwargs(kwarg), weights)
-    train_data, test_data = _splits(data, data_root, image_size, limit_train, limit_test)
+    train_data, test_data = _splits(data, data_root, decode_size(net, image_size), limit_train, limit_test)
     assert train_data is not None
     check_classes(net, test_data, adapter_for(net, test_data, image_size, announce=True), next(net.parameters()).device)
     with progress_bars() as progress:
@@ -200,7 +201,7 @@ def finetune(
     out = out or checkpoint.with_name(checkpoint.stem + ".ft.pt")
     net, state = resume_state(out, trust_code=trust_code) if resume else (load(checkpoint, trust_code=trust_code), None)
     teacher_net = _load_teacher(teacher, teacher_weights, trust_code) if distill and teacher else None
-    train_data, test_data = _splits(data, data_root, image_size, limit_train, limit_test)
+    train_data, test_data = _splits(data, data_root, decode_size(net, image_size), limit_train, limit_test)
     assert train_data is not None
     try:
         with progress_bars() as progress:
@@ -235,7 +236,7 @@ def evaluate_cmd(
     if batch_size < 1:
         raise TrainingError(f"--batch-size must be at least 1, got {batch_size}")
     net = load(checkpoint, trust_code=trust_code)
-    _, test_data = _splits(data, data_root, image_size, None, limit_test, train=False)
+    _, test_data = _splits(data, data_root, decode_size(net, image_size), None, limit_test, train=False)
     rt = runtime(device)
     net.to(rt.device)
     adapter = adapter_for(net, test_data, image_size, announce=True)
@@ -276,9 +277,9 @@ def calibrate(
     net = load(checkpoint, trust_code=trust_code)
     if not batch_norms(net):
         raise TrainingError(f"{checkpoint} has no BatchNorm layer with running statistics: nothing to calibrate")
-    train_data = load_data(data, "train", data_root, image_size)
-    test_data = None if not train_data.labelled else _splits(data, data_root, image_size, None, limit_test,
-                                                             train=False)[1]
+    size = decode_size(net, image_size)
+    train_data = load_data(data, "train", data_root, size)
+    test_data = None if not train_data.labelled else _splits(data, data_root, size, None, limit_test, train=False)[1]
     rt = runtime(device)
     net.to(rt.device)
     train_adapter = adapter_for(net, train_data, image_size, announce=True)
@@ -323,7 +324,7 @@ def retrofit(
     if epochs < 0:
         raise TrainingError(f"--epochs must be 0 or more, got {epochs}")
     net, analysis = request.analyze()
-    train_data, test_data = _splits(data, data_root, image_size, limit_train, limit_test)
+    train_data, test_data = _splits(data, data_root, decode_size(net, image_size), limit_train, limit_test)
     assert train_data is not None
     rt = runtime(device)
     net.to(rt.device)

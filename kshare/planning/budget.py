@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from kshare.analysis.inspect import ConvSite, Inspection
 from kshare.errors import PlanError
-from kshare.kernels import fit_residual
+from kshare.kernels import fit_residual, whitened_spectrum
 from kshare.planning.config import BudgetConfig, PositionalConfig, SharingConfig
 from kshare.planning.plan import Group, SharingPlan, Unshared, assemble_plan, with_relaxation
 from kshare.planning.positional import plan_positional
-from kshare.planning.reconstruction import kernel_norm, kernel_vector, with_errors
+from kshare.planning.reconstruction import kernel_norm, kernel_vector, output_vectors, with_errors
 from kshare.planning.relaxation import Relaxation
 from kshare.planning.select import candidate_sites, in_execution_order
 
@@ -111,14 +112,19 @@ def _sse(x: torch.Tensor, labels: list[int]) -> float:
     return total
 
 
-def plan_budget(model: nn.Module, inspection: Inspection, config: BudgetConfig, source: str | None = None
-                ) -> SharingPlan:
+Metric = Mapping[str, tuple[torch.Tensor, float]]  # site → (its inputs' Gram H, G × F × F; its output energy)
+
+
+def plan_budget(model: nn.Module, inspection: Inspection, config: BudgetConfig, source: str | None = None,
+                metric: Metric | None = None) -> SharingPlan:
     """The planner of `BudgetConfig`: `budget_plan` at the config's fraction and relaxation."""
-    return budget_plan(model, inspection, config.fraction, config, source=source, relaxation=config.relax)
+    return budget_plan(model, inspection, config.fraction, config, source=source, relaxation=config.relax,
+                       metric=metric)
 
 
 def budget_plan(model: nn.Module, inspection: Inspection, fraction: float, policy: SharingConfig,
-                source: str | None = None, relaxation: Relaxation | None = None) -> SharingPlan:
+                source: str | None = None, relaxation: Relaxation | None = None,
+                metric: Metric | None = None) -> SharingPlan:
     """Group isomorphic kernels by similarity until conv parameters are at most `fraction` of now.
 
     `policy` gives the selection (match, include/exclude, bias sharing; its own relaxation is
@@ -127,7 +133,7 @@ def budget_plan(model: nn.Module, inspection: Inspection, fraction: float, polic
     relaxed, stores the most without exceeding it.
     """
     relaxation = relaxation or Relaxation()
-    search = _KernelSearch(model, inspection, policy)
+    search = _KernelSearch(model, inspection, policy, metric)
     if not relaxation.active:
         return search.plan(fraction, source)
     if relaxation.auto:
@@ -163,8 +169,9 @@ class _KernelSearch:
     repeats only the clustering.
     """
 
-    def __init__(self, model: nn.Module, inspection: Inspection, policy: SharingConfig) -> None:
-        self.model, self.inspection, self.policy = model, inspection, policy
+    def __init__(self, model: nn.Module, inspection: Inspection, policy: SharingConfig,
+                 metric: Metric | None = None) -> None:
+        self.model, self.inspection, self.policy, self.metric = model, inspection, policy, metric
         modules = dict(model.named_modules())
         self.candidates, self.unshared = candidate_sites(inspection, policy)
         if len({s.weight_param for s in self.candidates}) != len(self.candidates):
@@ -175,7 +182,13 @@ class _KernelSearch:
             self.sites.setdefault(site.signature.key(policy.match), []).append(site)
         self.classes = {k: torch.stack([kernel_vector(modules[s.name], policy.share_bias) for s in v])
                         for k, v in self.sites.items()}
-        self.sizes = {k: int(x.shape[1]) for k, x in self.classes.items()}
+        self.sizes = {k: int(x.shape[1]) for k, x in self.classes.items()}  # parameters per member
+        if metric is not None:  # cluster by output error: kernels seen through their inputs
+            missing = [s.name for s in self.candidates if s.name not in metric]
+            if missing:
+                raise PlanError(f"output statistics lack {missing[0]!r}: collect them for every candidate")
+            self.classes = {k: output_vectors([modules[s.name].weight for s in v], [metric[s.name] for s in v])
+                            for k, v in self.sites.items()}
         self.before = inspection.stats.conv_params
         self.in_classes = sum(len(x) * self.sizes[k] for k, x in self.classes.items())
         self._first_merges = _pair_heap(self.classes, self.sizes)
@@ -249,7 +262,8 @@ class _RankAllocation:
     def __init__(self, search: _KernelSearch, relaxation: Relaxation, steps: int = 24) -> None:
         self.search, self.relaxation, self.steps = search, relaxation, steps
         self.modules = dict(search.model.named_modules())
-        self.norm = kernel_norm(self.modules, search.inspection, search.policy.share_bias)
+        self.norm = kernel_norm(self.modules, search.inspection, search.policy.share_bias) if search.metric is None \
+            else float(sum(x.square().sum() for x in search.classes.values()))
         self._spectra: dict[tuple[str, ...], list[_Spectrum]] = {}
 
     def spectra(self, group: Group) -> list[_Spectrum]:
@@ -260,10 +274,16 @@ class _RankAllocation:
             bias_mean = torch.stack(biases).mean(0) if self.search.policy.share_bias and len(biases) == len(convs) \
                 else None
             found = []
-            for conv in convs:
+            metric = self.search.metric
+            for name, conv in zip(group.members, convs, strict=True):
                 _, residual = fit_residual(shared, conv.weight, self.relaxation.scale)
+                if metric is not None and conv.groups == 1:  # what each further rank removes of the output error
+                    gram, energy = metric[name]
+                    gains = whitened_spectrum(residual[None], gram / max(energy, 1e-30)).tolist()
+                    found.append(_Spectrum(sum(residual.shape), tuple(gains), sum(gains)))
+                    continue
                 bias_sse = float((conv.bias.detach().double() - bias_mean).square().sum()) \
-                    if bias_mean is not None else 0.0
+                    if bias_mean is not None and metric is None else 0.0
                 gains = torch.linalg.svdvals(residual).square().tolist()
                 found.append(_Spectrum(sum(residual.shape), tuple(gains),
                                        float(residual.square().sum()) + bias_sse))

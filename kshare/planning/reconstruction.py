@@ -7,12 +7,13 @@ are shared). Budget plans minimise it; every plan reports it per group.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from kshare.analysis.inspect import Inspection
-from kshare.kernels import initial_kernel, medoid_index
+from kshare.kernels import blocks, damped, initial_kernel, medoid_index
 from kshare.planning.plan import Group, SharingPlan
 
 
@@ -61,3 +62,15 @@ def total_error(model: nn.Module, plan: SharingPlan, inspection: Inspection) -> 
         sse += group_error(model, group, plan.share_bias) * sum(
             float(kernel_vector(modules[m], plan.share_bias).square().sum()) for m in group.members)
     return sse / max(norm, 1e-30)
+
+
+def output_vectors(weights: Sequence[torch.Tensor], stats: Sequence[tuple[torch.Tensor, float]],
+                   damp: float = 0.01) -> torch.Tensor:
+    """Isomorphic kernels as vectors whose squared distances are relative output errors: each
+    kernel's blocks times L, with L Lᵀ the members' pooled input Gram (each member's divided by
+    its output energy, so every member counts by its relative error). Clustering these groups
+    the kernels that compute alike on real inputs, not the ones that look alike."""
+    pooled = sum(gram.double() / max(energy, 1e-30) for gram, energy in stats) / len(stats)
+    factor = torch.linalg.cholesky(damped(pooled, damp))  # type: ignore[arg-type]
+    groups = pooled.shape[0]  # type: ignore[union-attr]
+    return torch.stack([(blocks(w, groups).double() @ factor).flatten() for w in weights])

@@ -240,9 +240,15 @@ def _image_files(folder: Path) -> list[Path]:
     return [f for f in sorted(folder.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
 
 
-def _normalisation(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """ImageNet's statistics, the usual choice for photos (their mean over channels for gray images)."""
-    return ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if channels == 3 else ((0.449,), (0.226,))
+def _pictures(files: list[Path], size: int, name: str) -> tuple[torch.Tensor, tuple[float, ...], tuple[float, ...]]:
+    """Decoded pictures and the normalisation that goes with them: ImageNet's statistics, the usual
+    choice for photos (their mean over channels for gray images)."""
+    images, converted = _decode(files, size)
+    if converted:
+        log.info(f"{name}: {converted} grayscale image(s) converted to RGB to match the others")
+    if images.shape[1] == 3:
+        return images, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    return images, (0.449,), (0.226,)
 
 
 def _imagefolder(path: Path, split: str, size: int) -> ImageData:
@@ -260,10 +266,7 @@ def _imagefolder(path: Path, split: str, size: int) -> ImageData:
         labels += [index] * len(found)
     if not files:
         raise DataError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    images, converted = _decode(files, size)
-    if converted:
-        log.info(f"imagefolder:{path}: {converted} grayscale image(s) converted to RGB to match the others")
-    mean, std = _normalisation(images.shape[1])
+    images, mean, std = _pictures(files, size, f"imagefolder:{path}")
     return _checked(ImageData(f"imagefolder:{path}", split, images, torch.tensor(labels), tuple(classes), mean, std),
                     root)
 
@@ -275,10 +278,7 @@ def _unlabelled(path: Path, size: int) -> ImageData:
     files = _image_files(path)
     if not files:
         raise DataError(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) directly inside it")
-    images, converted = _decode(files, size)
-    if converted:
-        log.info(f"images:{path}: {converted} grayscale image(s) converted to RGB to match the others")
-    mean, std = _normalisation(images.shape[1])
+    images, mean, std = _pictures(files, size, f"images:{path}")
     return ImageData(f"images:{path}", "train", images, torch.zeros(len(files), dtype=torch.long), ("unlabelled",),
                      mean, std, labelled=False)
 
@@ -442,6 +442,15 @@ def _differences(recipe: InputRecipe | None, data: ImageData, image_size: int | 
         found.append(f"{data.name} names its classes differently from the model's ({data.classes[0]!r} vs "
                      f"{recipe.classes[0]!r} first): outputs are read in the model's order")
     return found
+
+
+def decode_size(model: nn.Module, image_size: int | None) -> int | None:
+    """The size to decode pictures at for `model` (image folders are resized when read): the one
+    asked for, else the one it was trained at, else None (the reader's default)."""
+    recipe = recipe_of(model)
+    if image_size is None and recipe is not None and len(recipe.size) == 2 and recipe.size[0] == recipe.size[1]:
+        return recipe.size[0]
+    return image_size
 
 
 def recipe_for(adapter: Adapter, data: ImageData) -> InputRecipe:

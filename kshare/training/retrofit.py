@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kshare.analysis.inspect import analysis_mode
 from kshare.errors import PlanError, TrainingError, param
 from kshare.kernels import (
     FITTED,
@@ -138,17 +139,18 @@ def following_batchnorms(model: nn.Module, members: Sequence[str], x: torch.Tens
 
     handles = [modules[m].register_forward_hook(after_conv(m)) for m in members]
     handles += [m.register_forward_pre_hook(before_norm) for m in batch_norms(model)]
-    was = [(m, m.training) for m in model.modules()]
-    model.eval()
+    _probe(model, x[:2], handles)
+    return followed
+
+
+def _probe(model: nn.Module, x: torch.Tensor, handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+    """One forward of `x` for the hooks behind `handles` (removed after), changing nothing."""
     try:
-        with torch.no_grad():
-            model(x[:2])
+        with analysis_mode(model):
+            model(x)
     finally:
         for h in handles:
             h.remove()
-        for m, flag in was:
-            m.training = flag
-    return followed
 
 
 @dataclass
@@ -339,17 +341,7 @@ def _units(model: nn.Module, groups: list[Group], x: torch.Tensor, compensate: b
     def seen(module: nn.Module, *_: object) -> None:
         order.setdefault(names[module], len(order))
 
-    handles = [m.register_forward_pre_hook(seen) for m in names]
-    was = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(x[:1])
-    finally:
-        for h in handles:
-            h.remove()
-        for m, flag in was:
-            m.training = flag
+    _probe(model, x[:1], [m.register_forward_pre_hook(seen) for m in names])
     grouped = {m for g in groups for m in g.members}
     first = min((order[m] for m in grouped if m in order), default=len(order))
     layers = [n for n in order if n not in grouped and order[n] > first] if compensate else []
@@ -382,6 +374,31 @@ def _assign(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -
     layer.weight.copy_(weight.reshape(layer.weight.shape))
     if bias is not None and layer.bias is not None:
         layer.bias.copy_(bias.reshape(layer.bias.shape))
+
+
+def output_metric(model: nn.Module, names: Sequence[str], data: ImageData, config: FitConfig = FitConfig(), *,
+                  image_size: int | None = None, device: str | torch.device | None = None,
+                  progress: ProgressFn | None = None) -> dict[str, tuple[torch.Tensor, float]] | None:
+    """Each named conv's input Gram and output energy on `data` (one pass of the untied model; centred
+    where a BatchNorm follows): what a budget plan needs to group kernels by output error
+    (`build_plan(..., metric=)`). None, with a warning, when a conv cannot be read."""
+    modules = dict(model.named_modules())
+    unreadable = [n for n in names if not supports(modules[n])]
+    if unreadable:
+        log.warning(f"{unreadable[0]} cannot be read by a data fit: the budget plan groups kernels by weight error")
+        return None
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(dev)
+    batches = calibration_batches(data, config.images, config.batch_size, adapter_for(model, data, image_size), dev,
+                                  config.seed)
+    centred = following_batchnorms(model, names, batches[0])
+    moments = collect(model, names, batches, positions=config.positions, seed=config.seed, progress=progress,
+                      task="statistics for the budget plan")
+    found = {}
+    for name in names:
+        gram, _, energy = moments[name].centred() if name in centred else moments[name].raw()
+        found[name] = (gram, energy)
+    return found
 
 
 def _first(plan: SharingPlan, group: str) -> str:

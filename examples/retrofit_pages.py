@@ -1,0 +1,126 @@
+"""Section 4 of docs/results.md from the retrofit study's JSON: what each init keeps of a trained
+network right after tying, after BatchNorm recalibration, and after short fine-tunes."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from typing import Any
+
+from retrofit_study import Record
+
+INIT_NAMES = {"mean": "`mean` (weights)", "norm_mean": "`norm_mean` (weights)", "oneshot": "data, one-shot",
+              "sequential": "data, sequential"}
+
+
+def _spread(values: list[float]) -> str:
+    mean = 100 * statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.2f}"
+    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def retrofit_section(header: dict[str, Any], records: list[Record], script: str) -> str:
+    study, notes = header["study"], header.get("notes", {})
+    m = header.get("machine", {})
+    limit = study["test_limit"]
+    tested = "all" if limit is None else f"{limit:,}"
+    by: dict[tuple[str, str, str, str], list[Record]] = defaultdict(list)
+    for r in records:
+        by[(r.baseline, r.policy, r.init, r.stage + (f"|{r.steps}" if r.stage == "finetuned" else ""))].append(r)
+    lines = [
+        "## 4. Retrofit without retraining: shared kernels fitted to data",
+        "",
+        f"Made by `python {script}` from `docs/results/retrofit_study.json`. Each trained, untied baseline is tied "
+        f"with each policy, each shared kernel computed from the members' kernels (`mean`, `norm_mean`) or fitted "
+        f"to what the members output on {study['calib_images']:,} calibration images of the training split "
+        f"(`kshare apply --fit data`, one-shot or sequential); then BatchNorm statistics are re-estimated on the same "
+        f"images. No gradient step is taken until the fine-tune columns. Seeds {', '.join(map(str, study['seeds']))} "
+        f"draw the calibration images (and seed the fine-tunes): mean ± sd over them. `budget≈stage` is the budget "
+        f"plan that stores no more parameters than `stage` (plain, and with `lora:auto` deltas fitted in the same "
+        f"metric); `@data` marks the budget plans that group kernels and allot delta ranks by output error on the "
+        f"calibration images (fitted by the sequential fit). Test accuracy on {tested} "
+        f"`{study['data']}` test images. Machine: {m.get('device', '?')}, {m.get('cpus', '?')} CPUs, "
+        f"{m.get('threads', '?')} threads, torch {m.get('torch', '?')}; fit times are wall times of the whole fit "
+        "(statistics, solves, tying).",
+    ]
+    for base in study["baselines"]:
+        label = base["label"]
+        note = notes.get(label, {})
+        untied = next(r.acc for r in records if r.baseline == label and r.policy == "untied")
+        lines += ["", f"### {label}", "",
+                  f"`{base['ref']}`{''.join(f' {k}={v}' for k, v in base['kwargs'].items())}, trained untied by "
+                  f"`kshare finetune`: {note.get('epochs', '?')} epoch(s) on {note.get('train_images', 0):,} images "
+                  f"({note.get('steps', 0):,} optimiser steps, lr {base['lr']:g}"
+                  + (f", images resized to {base['image_size']}×{base['image_size']}" if base["image_size"] else "")
+                  + f"); untied test accuracy **{100 * untied:.2f}%**.", "",
+                  "| policy | params | init | right after tying % | + BatchNorm recalibrated % | of untied | "
+                  "output error | fit s |",
+                  "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+        policies = [p for p in study["policies"] if any(r.baseline == label and r.policy == p for r in records)]
+        for policy in policies:
+            for init in INIT_NAMES:
+                tied = by.get((label, policy, init, "tied"), [])
+                recal = by.get((label, policy, init, "recalibrated"), [])
+                if not tied:
+                    continue
+                errors = [r.output_error for r in tied if r.output_error is not None]
+                seconds = statistics.fmean(r.seconds for r in tied)
+                share = statistics.fmean(r.acc for r in recal) / untied
+                lines.append(f"| {policy} | {tied[0].params:,} | {INIT_NAMES[init]} | {_spread([r.acc for r in tied])} "
+                             f"| {_spread([r.acc for r in recal])} | {share:.1%} | "
+                             + (f"{statistics.fmean(errors):.3f}" if errors else "–")
+                             + f" | {seconds:.1f} |")
+        tuned = [r for r in records if r.baseline == label and r.stage == "finetuned"]
+        if tuned:
+            steps = sorted({r.steps for r in tuned})
+            shares = {s: s / max(note.get("steps", 1), 1) for s in steps}
+            lines += ["", "After a short distillation fine-tune from the untied baseline (AdamW, lr "
+                      f"{study['finetune_lr']:g}, one pass over a class-balanced sample), starting from the "
+                      "recalibrated model; columns: optimiser steps (share of the baseline's):", "",
+                      "| policy | init | " + " | ".join(f"{s} steps ({shares[s]:.0%}) %" for s in steps) + " |",
+                      "| --- | --- | " + " | ".join("---:" for _ in steps) + " |"]
+            for policy, _ in study["finetunes"]:
+                for init in study["finetune_inits"]:
+                    cells = [by.get((label, policy, init, f"finetuned|{s}"), []) for s in steps]
+                    if any(cells):
+                        lines.append(f"| {policy} | {INIT_NAMES[init]} | "
+                                     + " | ".join(_spread([r.acc for r in c]) if c else "–" for c in cells) + " |")
+        lines += ["", *_verdicts(label, untied, by, study, note)]
+    return "\n".join(lines) + "\n"
+
+
+def _verdicts(label: str, untied: float, by: dict[tuple[str, str, str, str], list[Record]], study: dict[str, Any],
+              note: dict[str, Any]) -> list[str]:
+    """The findings, computed: what the best data-free and data-aware inits keep of `stage` and
+    `all`, and the gap to the untied network after the longest fine-tune up to 5% of its steps."""
+    found = []
+    for policy in ("stage", "all"):
+        best = {}
+        for init in study["inits"]:
+            recal = by.get((label, policy, init, "recalibrated"), [])
+            if recal:
+                best[init] = statistics.fmean(r.acc for r in recal)
+        if not best:
+            continue
+        data_free = max((best[i], i) for i in best if i in ("mean", "norm_mean")) if any(
+            i in best for i in ("mean", "norm_mean")) else None
+        fitted = max((best[i], i) for i in best if i in ("oneshot", "sequential")) if any(
+            i in best for i in ("oneshot", "sequential")) else None
+        text = f"- `{policy}` with no gradient step:"
+        if data_free:
+            text += (f" the best weight-space init (`{data_free[1]}`) keeps {data_free[0] / untied:.1%} of the "
+                     "untied accuracy")
+        if fitted:
+            text += f"; the {fitted[1]} data fit keeps {fitted[0] / untied:.1%}"
+        found.append(text + ".")
+        steps = [int(k[3].split("|")[1]) for k in by if k[:3] == (label, policy, "sequential") and
+                 k[3].startswith("finetuned|")]
+        within = [s for s in steps if s <= 0.05 * note.get("steps", 0) + 1e-9]
+        if within:
+            s = max(within)
+            acc = statistics.fmean(r.acc for r in by[(label, policy, "sequential", f"finetuned|{s}")])
+            share = s / max(note.get("steps", 1), 1)
+            found.append(f"- `{policy}`, data fit, after {s} fine-tune steps ({share:.0%} of the baseline's): "
+                         f"{100 * acc:.2f}%, {100 * (acc - untied):+.2f} points from untied.")
+    return found

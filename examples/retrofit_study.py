@@ -1,0 +1,285 @@
+"""The data-aware retrofit on trained baselines, as data: tie, fit, recalibrate, fine-tune briefly.
+
+    python examples/retrofit_study.py                                   # the CPU study (about 1.5 h)
+    python examples/retrofit_study.py --preset smoke --out /tmp/r.json  # seconds, for the tests
+
+Each baseline is trained untied by `kshare.finetune` (or reused from --work when its
+checkpoint is there), then tied with each policy (`stage`, `all`, and a budget plan matched to
+`stage`'s stored size, plain and with `lora:auto`, grouped by weight error or, `@data`, by
+output error on the calibration images) and each init: the weight-space `mean` and
+`norm_mean`, and the data-aware one-shot and sequential fits (`kshare.training.retrofit`), each
+from a calibration sample per seed. Every point is measured right after tying, after BatchNorm
+recalibration on the same calibration images, and (for `mean` and the sequential fit) after
+short distillation fine-tunes of a share of the baseline's own optimiser steps. Every record
+goes to the JSON as it is made; a rerun with the same settings skips what is there.
+`retrofit_pages.py` renders the JSON as section 4 of docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from paper_study import machine
+from torch import nn
+
+import kshare
+from kshare.errors import KShareError, StudyError
+from kshare.sweep import matched_budget
+from kshare.training.calibrate import recalibrate_on
+from kshare.training.data import adapter_for
+from kshare.training.retrofit import FitConfig, fit_and_tie, output_metric
+from kshare.training.statistics import calibration_batches
+
+STUDY_FORMAT = "kshare.retrofit-study/1"
+INITS = ("mean", "norm_mean", "oneshot", "sequential")
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """One trained network: how it is built and trained (untied), and the size it is fed at."""
+
+    label: str
+    ref: str
+    kwargs: dict[str, Any]
+    epochs: int
+    lr: float
+    image_size: int | None = None
+    train_limit: int | None = None
+    batch_size: int = 128
+
+    @property
+    def slug(self) -> str:
+        return self.label.lower().replace(" ", "-").replace("/", "-")
+
+
+@dataclass(frozen=True)
+class Study:
+    baselines: tuple[Baseline, ...]
+    data: str = "fashion-mnist"
+    # `@data`: the budget plan groups kernels (and allots delta ranks) by output error on the
+    # calibration images of seed 0; fitted by the sequential fit only
+    policies: tuple[str, ...] = ("stage", "all", "budget≈stage", "budget≈stage+lora:auto", "budget≈stage@data",
+                                 "budget≈stage+lora:auto@data")
+    inits: tuple[str, ...] = INITS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    calib_images: int = 512
+    test_limit: int | None = None
+    finetunes: tuple[tuple[str, tuple[float, ...]], ...] = (("stage", (0.01, 0.05, 0.10)), ("all", (0.05,)))
+    finetune_inits: tuple[str, ...] = ("mean", "sequential")  # (shares: of the baseline's optimiser steps)
+    finetune_lr: float = 3e-4
+
+
+@dataclass
+class Record:
+    key: str
+    baseline: str
+    policy: str
+    init: str
+    seed: int
+    stage: str  # "tied" (right after tying or fitting), "recalibrated", or "finetuned"
+    acc: float
+    params: int
+    steps: int = 0  # fine-tune optimiser steps
+    seconds: float = 0.0  # the fit's (or recalibration's, or fine-tune's) wall time
+    output_error: float | None = None  # mean relative output error of the groups (data fits)
+
+
+PRESETS = {
+    "cpu": Study(baselines=(
+        Baseline("ResNet-18", "resnet18", {"num_classes": 10}, epochs=2, lr=1e-3, image_size=32),
+        Baseline("DenseNet small", "torchvision.models.densenet:DenseNet",
+                 {"growth_rate": 12, "block_config": (4, 4, 4), "num_init_features": 24, "num_classes": 10},
+                 epochs=5, lr=3e-3, train_limit=6000),
+    )),
+    "smoke": Study(
+        baselines=(Baseline("ConvMixer-16/3", "kshare:convmixer_16_3",
+                            {"in_chans": 1, "kernel_size": 3, "patch_size": 1}, epochs=4, lr=3e-3, batch_size=64),),
+        data="digits", policies=("all", "budget≈all", "budget≈all@data"), inits=("mean", "sequential"), seeds=(0, 1),
+        calib_images=128, finetunes=(("all", (0.5,)),), test_limit=200),
+}
+
+
+class StudyFile:
+    """Settings, machine and records, rewritten after each record; a rerun skips what is there."""
+
+    def __init__(self, path: Path, study: Study) -> None:
+        self.path, self.study, self.records, self.notes = path, study, {}, {}
+        self.machine = machine()
+        if path.is_file():
+            data = json.loads(path.read_text())
+            if data.get("format") != STUDY_FORMAT or data.get("study") != jsonable(study):
+                raise StudyError(f"{path} holds another study or other settings: pass another --out, or delete it")
+            self.records = {r["key"]: Record(**r) for r in data["records"]}
+            self.notes, self.machine = data.get("notes", {}), data.get("machine") or self.machine
+
+    def add(self, record: Record) -> None:
+        self.records[record.key] = record
+        self.write()
+
+    def write(self) -> None:
+        payload = {"format": STUDY_FORMAT, "study": jsonable(self.study), "machine": self.machine,
+                   "notes": self.notes, "records": [asdict(r) for r in self.records.values()]}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=1))
+        tmp.replace(self.path)
+
+
+def jsonable(study: Study) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(study)))
+
+
+def read_study(path: str | Path) -> tuple[dict[str, Any], list[Record]]:
+    data = json.loads(Path(path).read_text())
+    if data.get("format") != STUDY_FORMAT:
+        raise StudyError(f"{path} is not a retrofit study file")
+    return data, [Record(**r) for r in data["records"]]
+
+
+def train_baseline(base: Baseline, study: Study, work: Path, train: kshare.ImageData, test: kshare.ImageData
+                   ) -> tuple[nn.Module, dict[str, Any]]:
+    """The untied baseline, trained by `kshare.finetune` (reused when its checkpoint is there)."""
+    path = work / f"{base.slug}.ft.pt"
+    if path.is_file():
+        model = kshare.load(path)
+    else:
+        torch.manual_seed(0)
+        model = kshare.load_model(base.ref, base.kwargs)[0]
+        sample = train.subset(base.train_limit)
+        config = kshare.TrainConfig(epochs=base.epochs, lr=base.lr, batch_size=base.batch_size,
+                                    image_size=base.image_size)
+        kshare.finetune(model, sample, test, config, path, device="cpu")
+        model = kshare.load(path)
+    record = torch.load(path, weights_only=True)["extra"]["finetune"]
+    images = record.get("train_images", len(train.labels))
+    steps = record["epoch"] * math.ceil(images / record["config"]["batch_size"])
+    return model.eval(), {"steps": steps, "train_images": images, "epochs": record["epoch"],
+                          "test_acc": record["metrics"]["test_acc"], "config": record["config"]}
+
+
+def plans(model: nn.Module, study: Study, size: tuple[int, ...], train: kshare.ImageData,
+          image_size: int | None) -> dict[str, kshare.SharingPlan]:
+    """Every policy of the study; a budget plan matched to `stage`'s (or `all`'s) stored parameters,
+    grouped by weight error, or (`@data`) by output error on the calibration images of seed 0."""
+    found: dict[str, kshare.SharingPlan] = {}
+    metric = None
+    for name in study.policies:
+        if not name.startswith("budget≈"):
+            found[name] = kshare.plan(model, name, input_size=size)
+            continue
+        target, _, relax = name.removeprefix("budget≈").removesuffix("@data").partition("+")
+        analysis = kshare.analyze(model, target, input_size=size)
+        if name.endswith("@data") and metric is None:
+            names = [s.name for s in analysis.inspection.sites]
+            metric = output_metric(model, names, train, FitConfig(images=study.calib_images), image_size=image_size)
+        plan = matched_budget(model, analysis.inspection, analysis.plan.totals.params_after,
+                              kshare.Relaxation.parse(relax or None), kshare.PositionalConfig(),
+                              metric=metric if name.endswith("@data") else None)
+        if plan is not None:
+            found[name] = plan
+    return found
+
+
+def run_study(study: Study, path: Path, work: Path, log: Any = print) -> list[Record]:
+    work.mkdir(parents=True, exist_ok=True)
+    file = StudyFile(path, study)
+    train = kshare.load_data(study.data, "train")
+    test = kshare.load_data(study.data, "test").subset(study.test_limit)
+    for base in study.baselines:
+        model, record = train_baseline(base, study, work, train, test)
+        file.notes[base.label] = record
+        size = base.image_size
+        adapter = adapter_for(model, test, size)
+        channels = kshare.training.input_channels(model)
+        shape = (channels, *(adapter.size or test.shape[1:]))
+
+        def accuracy(net: nn.Module, adapter: Any = adapter) -> float:
+            return kshare.evaluate(net, test, adapter)["acc"]
+
+        untied_key = f"{base.label}|untied"
+        if untied_key not in file.records:
+            file.add(Record(untied_key, base.label, "untied", "-", 0, "tied", accuracy(model),
+                            sum(p.numel() for p in model.parameters())))
+        finetunes = dict(study.finetunes)
+        for policy, plan in plans(model, study, shape, train, size).items():
+            for init in (("sequential",) if policy.endswith("@data") else study.inits):
+                for seed in study.seeds:
+                    prefix = f"{base.label}|{policy}|{init}|{seed}"
+                    if f"{prefix}|recalibrated" in file.records:
+                        continue
+                    tied, seconds, error = _tie(model, plan, init, train, study, seed, size)
+                    params = sum(p.numel() for p in tied.parameters())
+                    first = file.records.get(f"{base.label}|{policy}|{init}|{study.seeds[0]}|tied")
+                    same = first is not None and init in ("mean", "norm_mean")  # no data: the same model as seed 0
+                    file.add(Record(f"{prefix}|tied", base.label, policy, init, seed, "tied",
+                                    first.acc if same and first else accuracy(tied), params, seconds=seconds,
+                                    output_error=error))
+                    start = time.perf_counter()
+                    recalibrate_on(tied, calibration_batches(train, study.calib_images, 256,
+                                                             adapter_for(tied, train, size), torch.device("cpu"), seed))
+                    file.add(Record(f"{prefix}|recalibrated", base.label, policy, init, seed, "recalibrated",
+                                    accuracy(tied), params, seconds=time.perf_counter() - start, output_error=error))
+                    log(f"{prefix}: tied {file.records[prefix + '|tied'].acc:.4f}, recalibrated "
+                        f"{file.records[prefix + '|recalibrated'].acc:.4f} ({seconds:.1f} s)")
+                    if policy not in finetunes or init not in study.finetune_inits:
+                        continue
+                    for share in finetunes[policy]:
+                        key = f"{prefix}|finetuned|{share:g}"
+                        if key in file.records:
+                            continue
+                        steps = max(1, round(share * record["steps"]))
+                        tuned = copy.deepcopy(tied)
+                        config = kshare.TrainConfig(epochs=1, lr=study.finetune_lr, batch_size=128, distill=True,
+                                                    seed=seed, image_size=size)
+                        start = time.perf_counter()
+                        with tempfile.TemporaryDirectory() as tmp:
+                            summary = kshare.finetune(tuned, train.subset(steps * 128, seed=seed), test, config,
+                                                      Path(tmp) / "tuned.pt", teacher=copy.deepcopy(model),
+                                                      device="cpu")
+                        file.add(Record(key, base.label, policy, init, seed, "finetuned",
+                                        summary["history"][-1]["test_acc"], params, steps=steps,
+                                        seconds=time.perf_counter() - start, output_error=error))
+                        log(f"{key}: {steps} steps → {file.records[key].acc:.4f}")
+    return list(file.records.values())
+
+
+def _tie(model: nn.Module, plan: kshare.SharingPlan, init: str, train: kshare.ImageData, study: Study, seed: int,
+         size: int | None) -> tuple[nn.Module, float, float | None]:
+    tied = copy.deepcopy(model)
+    start = time.perf_counter()
+    if init in ("mean", "norm_mean"):
+        kshare.tie(tied, plan, init=init)
+        return tied, time.perf_counter() - start, None
+    report = fit_and_tie(tied, plan, train, FitConfig(mode=init, images=study.calib_images, seed=seed,
+                                                      recalibrate=False), image_size=size)
+    fitted = [g.output_error for g in report.groups if g.fitted]
+    return tied, report.seconds, sum(fitted) / max(len(fitted), 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--out", type=Path, default=Path("docs/results/retrofit_study.json"))
+    parser.add_argument("--work", type=Path, default=Path("results/retrofit"), help="baseline checkpoints")
+    args = parser.parse_args(argv)
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        run_study(PRESETS[args.preset], args.out, args.work)
+    except KShareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The retrofit study in its smoke preset: every record made, the section rendered from them."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import pytest
+import retrofit_study
+from retrofit_pages import retrofit_section
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("retrofit")
+    out = tmp / "study.json"
+    assert retrofit_study.main(["--preset", "smoke", "--out", str(out), "--work", str(tmp / "work")]) == 0
+    return out
+
+
+def test_every_point_is_recorded(smoke: Path) -> None:
+    header, records = retrofit_study.read_study(smoke)
+    study = retrofit_study.PRESETS["smoke"]
+    keys = {r.key for r in records}
+    for base in study.baselines:
+        assert f"{base.label}|untied" in keys
+        for policy in study.policies:
+            for init in study.inits:
+                for seed in study.seeds:
+                    prefix = f"{base.label}|{policy}|{init}|{seed}"
+                    assert {f"{prefix}|tied", f"{prefix}|recalibrated"} <= keys, prefix
+                    fitted = next(r for r in records if r.key == f"{prefix}|tied")
+                    assert (fitted.output_error is not None) == (init in ("oneshot", "sequential"))
+    untied = next(r for r in records if r.policy == "untied")
+    assert all(r.params < untied.params for r in records if r.policy != "untied")
+    assert header["notes"][study.baselines[0].label]["steps"] > 0
+
+
+def test_rerun_skips_finished_points(smoke: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = smoke.read_text()
+
+    def no_fit(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished point was fitted again")
+
+    monkeypatch.setattr(retrofit_study, "fit_and_tie", no_fit)
+    assert retrofit_study.main(["--preset", "smoke", "--out", str(smoke), "--work", str(smoke.parent / "work")]) == 0
+    assert smoke.read_text().split('"records"')[1] == before.split('"records"')[1]
+
+
+def test_section_is_computed_from_the_records(smoke: Path) -> None:
+    header, records = retrofit_study.read_study(smoke)
+    page = retrofit_section(header, records, "examples/retrofit_study.py")
+    label = retrofit_study.PRESETS["smoke"].baselines[0].label
+    recal = [r.acc for r in records if r.baseline == label and r.policy == "all" and r.init == "sequential"
+             and r.stage == "recalibrated"]
+    cell = f"{100 * statistics.fmean(recal):.2f} ± {100 * statistics.stdev(recal):.2f}"
+    params = next(r.params for r in records if r.policy == "all")
+    assert f"| all | {params:,} | data, sequential |" in page and cell in page
+    assert "## 4. Retrofit without retraining" in page and f"### {label}" in page
