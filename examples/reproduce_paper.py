@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep", type=Path, nargs="+", default=[],
                         help="`kshare sweep` JSON file(s) to publish as section 3")
     parser.add_argument("--sweep-script", type=Path, help="the script that made the sweep's baseline and JSON")
-    parser.add_argument("--retrofit", type=Path, help="the retrofit study's JSON (examples/retrofit_study.py), "
-                        "published as section 4")
+    parser.add_argument("--retrofit", type=Path, nargs="+", default=[],
+                        help="the retrofit study's JSON file(s) (examples/retrofit_study.py), published as section 4")
     return parser
 
 

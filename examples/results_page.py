@@ -306,17 +306,18 @@ def markdown(header: dict[str, Any], records: list[RunRecord], study: Study, com
 
 def results_page(header: dict[str, Any], records: list[RunRecord], study: Study, command: str, images: list[Path],
                  docs: Path, sweeps: Sequence[Path] = (), sweep_script: Path | None = None,
-                 retrofit: Path | None = None) -> str:
+                 retrofit: Sequence[Path] = ()) -> str:
     """The whole `docs/results.md`: the study's sections, published sweeps as section 3, and the
     data-aware retrofit study as section 4."""
     page = markdown(header, records, study, command, images, docs)
     if sweeps:
         page = _sweep_section(page, docs, sweeps, sweep_script)
-    if retrofit is not None:
+    if retrofit:
         from retrofit_pages import retrofit_section
         from retrofit_study import read_study as read_retrofit
 
-        page += "\n" + retrofit_section(*read_retrofit(retrofit), "examples/retrofit_study.py")
+        page += "\n" + retrofit_section([read_retrofit(path) for path in retrofit],
+                                        "python examples/retrofit_study.py --only BASELINE --out JSON")
     return page
 
 

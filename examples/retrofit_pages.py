@@ -20,18 +20,19 @@ def _spread(values: list[float]) -> str:
     return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
-def retrofit_section(header: dict[str, Any], records: list[Record], script: str) -> str:
-    study, notes = header["study"], header.get("notes", {})
+def retrofit_section(studies: list[tuple[dict[str, Any], list[Record]]], command: str) -> str:
+    """Section 4 from one or more study files (one per baseline, as `--only` writes them): the
+    settings of the first, a subsection per baseline."""
+    header = studies[0][0]
+    study = header["study"]
     m = header.get("machine", {})
     limit = study["test_limit"]
     tested = "all" if limit is None else f"{limit:,}"
-    by: dict[tuple[str, str, str, str], list[Record]] = defaultdict(list)
-    for r in records:
-        by[(r.baseline, r.policy, r.init, r.stage + (f"|{r.steps}" if r.stage == "finetuned" else ""))].append(r)
     lines = [
         "## 4. Retrofit without retraining: shared kernels fitted to data",
         "",
-        f"Made by `python {script}` from `docs/results/retrofit_study.json`. Each trained, untied baseline is tied "
+        f"Made by `{command}` (one run per baseline, each writing its JSON under `docs/results/`). Each trained, "
+        f"untied baseline is tied "
         f"with each policy, each shared kernel computed from the members' kernels (`mean`, `norm_mean`) or fitted "
         f"to what the members output on {study['calib_images']:,} calibration images of the training split "
         f"(`kshare apply --fit data`, one-shot or sequential); then BatchNorm statistics are re-estimated on the same "
@@ -41,9 +42,20 @@ def retrofit_section(header: dict[str, Any], records: list[Record], script: str)
         f"metric); `@data` marks the budget plans that group kernels and allot delta ranks by output error on the "
         f"calibration images (fitted by the sequential fit). Test accuracy on {tested} "
         f"`{study['data']}` test images. Machine: {m.get('device', '?')}, {m.get('cpus', '?')} CPUs, "
-        f"{m.get('threads', '?')} threads, torch {m.get('torch', '?')}; fit times are wall times of the whole fit "
-        "(statistics, solves, tying).",
+        f"{m.get('threads', '?')} thread(s) per run, torch {m.get('torch', '?')}; fit times are wall times of the "
+        "whole fit (statistics, solves, tying).",
     ]
+    for header, records in studies:
+        _baseline(lines, header, records)
+    return "\n".join(lines) + "\n"
+
+
+def _baseline(lines: list[str], header: dict[str, Any], records: list[Record]) -> None:
+    """The subsections of one study file: a table per baseline, fine-tunes, verdicts."""
+    study, notes = header["study"], header.get("notes", {})
+    by: dict[tuple[str, str, str, str], list[Record]] = defaultdict(list)
+    for r in records:
+        by[(r.baseline, r.policy, r.init, r.stage + (f"|{r.steps}" if r.stage == "finetuned" else ""))].append(r)
     for base in study["baselines"]:
         label = base["label"]
         note = notes.get(label, {})
@@ -87,7 +99,6 @@ def retrofit_section(header: dict[str, Any], records: list[Record], script: str)
                         lines.append(f"| {policy} | {INIT_NAMES[init]} | "
                                      + " | ".join(_spread([r.acc for r in c]) if c else "–" for c in cells) + " |")
         lines += ["", *_verdicts(label, untied, by, study, note)]
-    return "\n".join(lines) + "\n"
 
 
 def _verdicts(label: str, untied: float, by: dict[tuple[str, str, str, str], list[Record]], study: dict[str, Any],
@@ -116,7 +127,7 @@ def _verdicts(label: str, untied: float, by: dict[tuple[str, str, str, str], lis
         found.append(text + ".")
         steps = [int(k[3].split("|")[1]) for k in by if k[:3] == (label, policy, "sequential") and
                  k[3].startswith("finetuned|")]
-        within = [s for s in steps if s <= 0.05 * note.get("steps", 0) + 1e-9]
+        within = [s for s in steps if s <= max(1, round(0.05 * note.get("steps", 0)))]  # as the study rounds
         if within:
             s = max(within)
             acc = statistics.fmean(r.acc for r in by[(label, policy, "sequential", f"finetuned|{s}")])

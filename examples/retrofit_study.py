@@ -1,6 +1,7 @@
 """The data-aware retrofit on trained baselines, as data: tie, fit, recalibrate, fine-tune briefly.
 
-    python examples/retrofit_study.py                                   # the CPU study (about 1.5 h)
+    python examples/retrofit_study.py --only ResNet-18 --out docs/results/retrofit_resnet18.json
+    python examples/retrofit_study.py --only "DenseNet small" --out docs/results/retrofit_densenet.json
     python examples/retrofit_study.py --preset smoke --out /tmp/r.json  # seconds, for the tests
 
 Each baseline is trained untied by `kshare.finetune` (or reused from --work when its
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -166,6 +168,11 @@ def train_baseline(base: Baseline, study: Study, work: Path, train: kshare.Image
                           "test_acc": record["metrics"]["test_acc"], "config": record["config"]}
 
 
+def inits_for(study: Study, policy: str) -> tuple[str, ...]:
+    """An `@data` plan is already chosen by output error: only the sequential fit is run on it."""
+    return ("sequential",) if policy.endswith("@data") else study.inits
+
+
 def plans(model: nn.Module, study: Study, size: tuple[int, ...], train: kshare.ImageData,
           image_size: int | None) -> dict[str, kshare.SharingPlan]:
     """Every policy of the study; a budget plan matched to `stage`'s (or `all`'s) stored parameters,
@@ -211,7 +218,7 @@ def run_study(study: Study, path: Path, work: Path, log: Any = print) -> list[Re
                             sum(p.numel() for p in model.parameters())))
         finetunes = dict(study.finetunes)
         for policy, plan in plans(model, study, shape, train, size).items():
-            for init in (("sequential",) if policy.endswith("@data") else study.inits):
+            for init in inits_for(study, policy):
                 for seed in study.seeds:
                     prefix = f"{base.label}|{policy}|{init}|{seed}"
                     if f"{prefix}|recalibrated" in file.records:
@@ -270,10 +277,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--out", type=Path, default=Path("docs/results/retrofit_study.json"))
     parser.add_argument("--work", type=Path, default=Path("results/retrofit"), help="baseline checkpoints")
+    parser.add_argument("--only", help="run only the baseline with this label (one JSON per baseline lets two "
+                                       "processes share a machine)")
     args = parser.parse_args(argv)
+    study = PRESETS[args.preset]
+    if args.only:
+        chosen = tuple(b for b in study.baselines if b.label == args.only)
+        if not chosen:
+            print(f"error: no baseline {args.only!r} in preset {args.preset}: "
+                  f"{', '.join(b.label for b in study.baselines)}", file=sys.stderr)
+            return 2
+        study = dataclasses.replace(study, baselines=chosen)
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        run_study(PRESETS[args.preset], args.out, args.work)
+        run_study(study, args.out, args.work)
     except KShareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

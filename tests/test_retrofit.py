@@ -4,6 +4,7 @@ what a fitted model does on save, load, safetensors, fold and the command line."
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -321,3 +322,20 @@ def test_budget_plans_by_output_error(trained: nn.Module, digits) -> None:
     tied = kshare.tie(copy.deepcopy(trained), "budget:0.6", input_size=(1, 8, 8), calib=train,
                       fit=FitConfig(images=256))
     assert any("output error" in n for n in kshare.plan_of(tied).notes)  # tie(calib=) plans by output error
+
+
+def test_cli_retrofit_reports_every_step(trained: nn.Module, tmp_path: Path) -> None:
+    base = tmp_path / "base.pt"
+    kshare.save(trained, base)
+    factory = f"{Path(__file__).parent / 'conftest.py'}:make_residual_bn_used"
+    code, out = cli("retrofit", factory, "-k", "in_chans=1", "-k", "width=16", "--weights", base, "-g", "all",
+                    "--data", "digits", "--calib-images", "256", "--epochs", "1", "--limit-train", "256", "--json",
+                    "--out", tmp_path / "r.pt")
+    assert code == 0, out
+    report = json.loads(out.strip().splitlines()[-1])
+    steps = [s["step"] for s in report["steps"]]
+    assert steps[:3] == ["untied", "tied (mean init)", "fitted (sequential)"] and steps[-1].startswith("fine-tuned")
+    accs = {s["step"]: s["test_acc"] for s in report["steps"]}
+    # fitted for a network whose BatchNorm is then re-estimated: together they keep more than the mean kernel
+    assert accs["BatchNorm recalibrated"] > accs["tied (mean init)"]
+    assert kshare.load(tmp_path / "r.pt", _fresh()) is not None and report["plan"]["groups"][0]["init"] == "data"

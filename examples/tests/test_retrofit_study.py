@@ -25,7 +25,7 @@ def test_every_point_is_recorded(smoke: Path) -> None:
     for base in study.baselines:
         assert f"{base.label}|untied" in keys
         for policy in study.policies:
-            for init in study.inits:
+            for init in retrofit_study.inits_for(study, policy):
                 for seed in study.seeds:
                     prefix = f"{base.label}|{policy}|{init}|{seed}"
                     assert {f"{prefix}|tied", f"{prefix}|recalibrated"} <= keys, prefix
@@ -49,7 +49,7 @@ def test_rerun_skips_finished_points(smoke: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_section_is_computed_from_the_records(smoke: Path) -> None:
     header, records = retrofit_study.read_study(smoke)
-    page = retrofit_section(header, records, "examples/retrofit_study.py")
+    page = retrofit_section([(header, records)], "python examples/retrofit_study.py")
     label = retrofit_study.PRESETS["smoke"].baselines[0].label
     recal = [r.acc for r in records if r.baseline == label and r.policy == "all" and r.init == "sequential"
              and r.stage == "recalibrated"]

@@ -27,7 +27,7 @@ from typing import Any
 from torch import nn
 
 from kshare.analysis.signature import is_conv
-from kshare.errors import ModelBuildError, ModelNotFoundError
+from kshare.errors import ModelBuildError, ModelNotFoundError, param
 from kshare.models.recipe import recipe_of
 from kshare.models.weights import load_weights
 
@@ -251,12 +251,14 @@ def build(spec: ModelSpec) -> nn.Module:
     kwargs = dict(spec.kwargs)
     if kwargs.get("pretrained") or kwargs.get("weights") not in (None, False):
         raise ModelBuildError(
-            "kshare never downloads weights: drop pretrained/weights and pass --weights FILE (a local state dict)"
+            "kshare never downloads weights: drop pretrained/weights and pass a local state dict as "
+            f"{param('weights')}"
         )
     kwargs.pop("pretrained", None)
     if loading := [k for k in LOADING_KWARGS if kwargs.get(k) not in (None, "", {})]:
         raise ModelBuildError(
-            f"model argument {loading[0]!r} would load weights outside kshare: pass --weights FILE instead"
+            f"model argument {loading[0]!r} would load weights outside kshare: pass a local state dict as "
+            f"{param('weights')} instead"
         )
     factory = _factory(spec)
     try:

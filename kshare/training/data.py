@@ -334,11 +334,11 @@ def load_data(name: str, split: str, root: str | Path | None = None, image_size:
         folder = Path(root) if root else FASHION_MNIST_ROOT
         if not folder.is_dir():
             raise DataError(f"fashion-mnist not found in {folder}: apt-get install dataset-fashion-mnist, "
-                            "or pass --data-root DIR holding the idx .gz files")
+                            f"or pass the folder holding the idx .gz files as {param('data_root')}")
         return _fashion_mnist(folder, split)
     if name in ("cifar10", "cifar100"):
         if root is None:
-            raise DataError(f"{name} needs --data-root DIR (the folder holding the extracted python batches)")
+            raise DataError(f"{name} needs the folder holding the extracted python batches: pass {param('data_root')}")
         if not Path(root).is_dir():
             raise DataError(f"data root not found: {root}")
         return _cifar(Path(root), split, fine=name == "cifar100")
