@@ -25,7 +25,10 @@ def retrofit_section(studies: list[tuple[dict[str, Any], list[Record]]], command
     settings of the first, a subsection per baseline."""
     header = studies[0][0]
     study = header["study"]
-    m = header.get("machine", {})
+    shared = ("data", "seeds", "calib_images", "test_limit", "policies", "inits")
+    for other, _ in studies[1:]:
+        if differing := [k for k in shared if other["study"][k] != study[k]]:
+            raise ValueError(f"retrofit study files differ in {', '.join(differing)}: rerun them with one preset")
     limit = study["test_limit"]
     tested = "all" if limit is None else f"{limit:,}"
     lines = [
@@ -41,9 +44,8 @@ def retrofit_section(studies: list[tuple[dict[str, Any], list[Record]]], command
         f"plan that stores no more parameters than `stage` (plain, and with `lora:auto` deltas fitted in the same "
         f"metric); `@data` marks the budget plans that group kernels and allot delta ranks by output error on the "
         f"calibration images (fitted by the sequential fit). Test accuracy on {tested} "
-        f"`{study['data']}` test images. Machine: {m.get('device', '?')}, {m.get('cpus', '?')} CPUs, "
-        f"{m.get('threads', '?')} thread(s) per run, torch {m.get('torch', '?')}; fit times are wall times of the "
-        "whole fit (statistics, solves, tying).",
+        f"`{study['data']}` test images. Fit times are wall times of the whole fit (statistics, solves, tying), "
+        "on the machine named under each baseline.",
     ]
     for header, records in studies:
         _baseline(lines, header, records)
@@ -52,7 +54,7 @@ def retrofit_section(studies: list[tuple[dict[str, Any], list[Record]]], command
 
 def _baseline(lines: list[str], header: dict[str, Any], records: list[Record]) -> None:
     """The subsections of one study file: a table per baseline, fine-tunes, verdicts."""
-    study, notes = header["study"], header.get("notes", {})
+    study, notes, m = header["study"], header.get("notes", {}), header.get("machine", {})
     by: dict[tuple[str, str, str, str], list[Record]] = defaultdict(list)
     for r in records:
         by[(r.baseline, r.policy, r.init, r.stage + (f"|{r.steps}" if r.stage == "finetuned" else ""))].append(r)
@@ -65,7 +67,8 @@ def _baseline(lines: list[str], header: dict[str, Any], records: list[Record]) -
                   f"`kshare finetune`: {note.get('epochs', '?')} epoch(s) on {note.get('train_images', 0):,} images "
                   f"({note.get('steps', 0):,} optimiser steps, lr {base['lr']:g}"
                   + (f", images resized to {base['image_size']}×{base['image_size']}" if base["image_size"] else "")
-                  + f"); untied test accuracy **{100 * untied:.2f}%**.", "",
+                  + f"); untied test accuracy **{100 * untied:.2f}%**. Machine: {m.get('device', '?')}, "
+                  f"{m.get('cpus', '?')} CPUs, {m.get('threads', '?')} thread(s), torch {m.get('torch', '?')}.", "",
                   "| policy | params | init | right after tying % | + BatchNorm recalibrated % | of untied | "
                   "output error | fit s |",
                   "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]

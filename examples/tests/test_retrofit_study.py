@@ -57,3 +57,12 @@ def test_section_is_computed_from_the_records(smoke: Path) -> None:
     params = next(r.params for r in records if r.policy == "all")
     assert f"| all | {params:,} | data, sequential |" in page and cell in page
     assert "## 4. Retrofit without retraining" in page and f"### {label}" in page
+
+
+def test_section_refuses_files_of_different_settings(smoke: Path) -> None:
+    header, records = retrofit_study.read_study(smoke)
+    other = {**header, "study": {**header["study"], "seeds": [5]}}
+    with pytest.raises(ValueError, match="seeds"):
+        retrofit_section([(header, records), (other, records)], "cmd")
+    page = retrofit_section([(header, records)], "cmd")
+    assert f"{header['machine']['threads']} thread(s)" in page.split("### ")[1]  # the machine under its baseline
