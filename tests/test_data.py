@@ -125,7 +125,7 @@ def test_adapter_channels_size_and_normalisation() -> None:
     ("name", "root", "message"),
     [
         ("mnist-ish", None, "unknown dataset"),
-        ("cifar10", None, "needs --data-root"),
+        ("cifar10", None, "pass `data_root`"),
         ("cifar10", "/no/such/dir", "data root not found"),
         ("fashion-mnist", "/no/such/dir", "apt-get install dataset-fashion-mnist"),
         ("imagefolder:/no/such/dir", None, "image folder not found"),
