@@ -239,6 +239,16 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _own_size_lines(machine: dict[str, Any]) -> list[str]:
+    """Where this page was made without a GPU, say that the paper's own size is still to run."""
+    if machine.get("device", "cpu") != "cpu":
+        return []
+    return ["This page was made on a CPU. The paper's own model at its own size (ConvMixer-256/8, kernel 9, "
+            "patch 1, on all of Fashion-MNIST: unshared vs `all` vs `stage`) needs a GPU: "
+            "`python examples/reproduce_paper.py --preset gpu`, not run yet because no GPU was lent to this work.",
+            ""]
+
+
 def markdown(header: dict[str, Any], records: list[RunRecord], study: Study, command: str,
              images: list[Path], relative_to: Path) -> str:
     """The results page."""
@@ -279,6 +289,7 @@ def markdown(header: dict[str, Any], records: list[RunRecord], study: Study, com
         "",
         paper_table(),
         "",
+        *_own_size_lines(m),
         "## 2. Retrofit: tie a trained network, then fine-tune",
         "",
         "The paper trained shared networks from scratch only. Here the unshared network of section 1 "
