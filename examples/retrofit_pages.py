@@ -86,6 +86,10 @@ def _baseline(lines: list[str], header: dict[str, Any], records: list[Record]) -
                              f"| {_spread([r.acc for r in recal])} | {share:.1%} | "
                              + (f"{statistics.fmean(errors):.3f}" if errors else "–")
                              + f" | {seconds:.1f} |")
+        same = note.get("same_plan", {})
+        if same:
+            lines += ["", *(f"`{p}` ties exactly the groups of `{q}` on this network: not fitted again, its rows "
+                            f"would repeat `{q}`'s." for p, q in same.items())]
         tuned = [r for r in records if r.baseline == label and r.stage == "finetuned"]
         if tuned:
             steps = sorted({r.steps for r in tuned})
@@ -110,6 +114,9 @@ def _verdicts(label: str, untied: float, by: dict[tuple[str, str, str, str], lis
     `all`, and the gap to the untied network after the longest fine-tune up to 5% of its steps."""
     found = []
     for policy in ("stage", "all"):
+        if policy in note.get("same_plan", {}):
+            found.append(f"- `{policy}` is `{note['same_plan'][policy]}` here: the same groups, the same results.")
+            continue
         best = {}
         for init in study["inits"]:
             recal = by.get((label, policy, init, "recalibrated"), [])

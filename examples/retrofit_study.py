@@ -196,6 +196,19 @@ def plans(model: nn.Module, study: Study, size: tuple[int, ...], train: kshare.I
     return found
 
 
+def same_plans(found: dict[str, kshare.SharingPlan]) -> dict[str, str]:
+    """Each policy whose plan ties exactly what an earlier one ties (groups, relaxation, ranks), mapped
+    to that one: on resnet18 `all` is `stage` (no layers of equal shape across stages), and fitting it
+    again would spend a quarter of the study printing the same rows twice."""
+    seen: dict[tuple[Any, ...], str] = {}
+    same = {}
+    for name, plan in found.items():
+        key = (plan.relax, tuple((g.members, g.ranks) for g in plan.groups))
+        if (first := seen.setdefault(key, name)) != name:
+            same[name] = first
+    return same
+
+
 def run_study(study: Study, path: Path, work: Path, log: Any = print) -> list[Record]:
     work.mkdir(parents=True, exist_ok=True)
     file = StudyFile(path, study)
@@ -217,7 +230,15 @@ def run_study(study: Study, path: Path, work: Path, log: Any = print) -> list[Re
             file.add(Record(untied_key, base.label, "untied", "-", 0, "tied", accuracy(model),
                             sum(p.numel() for p in model.parameters())))
         finetunes = dict(study.finetunes)
-        for policy, plan in plans(model, study, shape, train, size).items():
+        chosen = plans(model, study, shape, train, size)
+        repeats = same_plans(chosen)
+        file.notes[base.label]["same_plan"] = repeats
+        for key in [k for k, r in file.records.items() if r.baseline == base.label and r.policy in repeats]:
+            del file.records[key]  # made before the study knew the plans were the same
+        for policy, plan in chosen.items():
+            if policy in repeats:
+                log(f"{base.label}|{policy}: the same plan as {repeats[policy]}, not fitted again")
+                continue
             for init in inits_for(study, policy):
                 for seed in study.seeds:
                     prefix = f"{base.label}|{policy}|{init}|{seed}"

@@ -24,7 +24,11 @@ def test_every_point_is_recorded(smoke: Path) -> None:
     keys = {r.key for r in records}
     for base in study.baselines:
         assert f"{base.label}|untied" in keys
+        same = header["notes"][base.label]["same_plan"]
         for policy in study.policies:
+            if policy in same:  # a plan equal to an earlier policy's is recorded once, under that one
+                assert same[policy] in study.policies and not any(r.policy == policy for r in records)
+                continue
             for init in retrofit_study.inits_for(study, policy):
                 for seed in study.seeds:
                     prefix = f"{base.label}|{policy}|{init}|{seed}"
@@ -66,3 +70,12 @@ def test_section_refuses_files_of_different_settings(smoke: Path) -> None:
         retrofit_section([(header, records), (other, records)], "cmd")
     page = retrofit_section([(header, records)], "cmd")
     assert f"{header['machine']['threads']} thread(s)" in page.split("### ")[1]  # the machine under its baseline
+
+
+def test_a_policy_with_the_same_plan_is_fitted_once() -> None:
+    import kshare
+
+    model = kshare.load_model("resnet18", {"num_classes": 10})[0]
+    found = {p: kshare.plan(model, p, input_size=(3, 32, 32)) for p in ("stage", "all", "chunk:2")}
+    # resnet18 has no two 3x3 convs of equal shape in different stages: `all` ties what `stage` ties
+    assert retrofit_study.same_plans(found) == {"all": "stage"}
