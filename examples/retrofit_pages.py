@@ -20,6 +20,11 @@ def _spread(values: list[float]) -> str:
     return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
+def _seen(machine: dict[str, Any], key: str) -> str:
+    value = machine.get(key, "?")
+    return " or ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def retrofit_section(studies: list[tuple[dict[str, Any], list[Record]]], command: str) -> str:
     """Section 4 from one or more study files (one per baseline, as `--only` writes them): the
     settings of the first, a subsection per baseline."""
@@ -67,8 +72,10 @@ def _baseline(lines: list[str], header: dict[str, Any], records: list[Record]) -
                   f"`kshare finetune`: {note.get('epochs', '?')} epoch(s) on {note.get('train_images', 0):,} images "
                   f"({note.get('steps', 0):,} optimiser steps, lr {base['lr']:g}"
                   + (f", images resized to {base['image_size']}×{base['image_size']}" if base["image_size"] else "")
-                  + f"); untied test accuracy **{100 * untied:.2f}%**. Machine: {m.get('device', '?')}, "
-                  f"{m.get('cpus', '?')} CPUs, {m.get('threads', '?')} thread(s), torch {m.get('torch', '?')}.", "",
+                  + f"); untied test accuracy **{100 * untied:.2f}%**. Machine: {_seen(m, 'device')}, "
+                  f"{_seen(m, 'cpus')} CPUs, {_seen(m, 'threads')} thread(s), torch {_seen(m, 'torch')}"
+                  + (" (the study was resumed with other settings)" if any(isinstance(v, list) for v in m.values())
+                     else "") + ".", "",
                   "| policy | params | init | right after tying % | + BatchNorm recalibrated % | of untied | "
                   "output error | fit s |",
                   "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -88,8 +95,8 @@ def _baseline(lines: list[str], header: dict[str, Any], records: list[Record]) -
                              + f" | {seconds:.1f} |")
         same = note.get("same_plan", {})
         if same:
-            lines += ["", *(f"`{p}` ties exactly the groups of `{q}` on this network: not fitted again, its rows "
-                            f"would repeat `{q}`'s." for p, q in same.items())]
+            lines += ["", "Not fitted again, because on this network they tie exactly what another policy ties "
+                      "(their rows would repeat it):", "", *(f"- `{p}`: the plan of `{q}`" for p, q in same.items())]
         tuned = [r for r in records if r.baseline == label and r.stage == "finetuned"]
         if tuned:
             steps = sorted({r.steps for r in tuned})

@@ -126,6 +126,7 @@ class StudyFile:
 
     def add(self, record: Record) -> None:
         self.records[record.key] = record
+        self.machine = merge_machines(self.machine, machine())  # a resumed study may run elsewhere
         self.write()
 
     def write(self) -> None:
@@ -134,6 +135,18 @@ class StudyFile:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(payload, indent=1))
         tmp.replace(self.path)
+
+
+def merge_machines(stored: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """The machine of a study resumed with other settings (e.g. another thread count): each value
+    that differs becomes the sorted list of the values seen."""
+    merged = dict(stored)
+    for key, value in current.items():
+        seen = stored.get(key)
+        values = set(seen if isinstance(seen, list) else [seen] if key in stored else [])
+        values.add(value)
+        merged[key] = value if len(values) == 1 else sorted(values, key=str)
+    return merged
 
 
 def jsonable(study: Study) -> dict[str, Any]:
@@ -197,13 +210,15 @@ def plans(model: nn.Module, study: Study, size: tuple[int, ...], train: kshare.I
 
 
 def same_plans(found: dict[str, kshare.SharingPlan]) -> dict[str, str]:
-    """Each policy whose plan ties exactly what an earlier one ties (groups, relaxation, ranks), mapped
-    to that one: on resnet18 `all` is `stage` (no layers of equal shape across stages), and fitting it
-    again would spend a quarter of the study printing the same rows twice."""
+    """Each policy whose plan ties exactly what an earlier one ties (groups, and deltas where it has any),
+    mapped to that one: on resnet18 `all` is `stage` (no layers of equal shape across stages), and
+    fitting it again would spend a quarter of the study printing the same rows twice. A `lora:auto`
+    plan that gave no member a rank is its plain plan."""
     seen: dict[tuple[Any, ...], str] = {}
     same = {}
     for name, plan in found.items():
-        key = (plan.relax, tuple((g.members, g.ranks) for g in plan.groups))
+        relaxed = plan.relax_params > 0
+        key = (plan.relax if relaxed else "none", tuple((g.members, g.ranks if relaxed else ()) for g in plan.groups))
         if (first := seen.setdefault(key, name)) != name:
             same[name] = first
     return same
@@ -233,8 +248,10 @@ def run_study(study: Study, path: Path, work: Path, log: Any = print) -> list[Re
         chosen = plans(model, study, shape, train, size)
         repeats = same_plans(chosen)
         file.notes[base.label]["same_plan"] = repeats
-        for key in [k for k, r in file.records.items() if r.baseline == base.label and r.policy in repeats]:
-            del file.records[key]  # made before the study knew the plans were the same
+        if stale := [k for k, r in file.records.items() if r.baseline == base.label and r.policy in repeats]:
+            for key in stale:
+                del file.records[key]  # made before the study knew the plans were the same
+            file.write()
         for policy, plan in chosen.items():
             if policy in repeats:
                 log(f"{base.label}|{policy}: the same plan as {repeats[policy]}, not fitted again")
@@ -242,28 +259,32 @@ def run_study(study: Study, path: Path, work: Path, log: Any = print) -> list[Re
             for init in inits_for(study, policy):
                 for seed in study.seeds:
                     prefix = f"{base.label}|{policy}|{init}|{seed}"
-                    if f"{prefix}|recalibrated" in file.records:
+                    shares = finetunes.get(policy, ()) if init in study.finetune_inits else ()
+                    missing = [s for s in shares if f"{prefix}|finetuned|{s:g}" not in file.records]
+                    done = f"{prefix}|recalibrated" in file.records
+                    if done and not missing:
                         continue
+                    # a point whose fine-tunes were interrupted is fitted again (same seed, same images) to
+                    # start them from the same model; its records stay as they were
                     tied, seconds, error = _tie(model, plan, init, train, study, seed, size)
                     params = sum(p.numel() for p in tied.parameters())
                     first = file.records.get(f"{base.label}|{policy}|{init}|{study.seeds[0]}|tied")
                     same = first is not None and init in ("mean", "norm_mean")  # no data: the same model as seed 0
-                    file.add(Record(f"{prefix}|tied", base.label, policy, init, seed, "tied",
-                                    first.acc if same and first else accuracy(tied), params, seconds=seconds,
-                                    output_error=error))
+                    if not done:
+                        file.add(Record(f"{prefix}|tied", base.label, policy, init, seed, "tied",
+                                        first.acc if same and first else accuracy(tied), params, seconds=seconds,
+                                        output_error=error))
                     start = time.perf_counter()
                     recalibrate_on(tied, calibration_batches(train, study.calib_images, 256,
                                                              adapter_for(tied, train, size), torch.device("cpu"), seed))
-                    file.add(Record(f"{prefix}|recalibrated", base.label, policy, init, seed, "recalibrated",
-                                    accuracy(tied), params, seconds=time.perf_counter() - start, output_error=error))
-                    log(f"{prefix}: tied {file.records[prefix + '|tied'].acc:.4f}, recalibrated "
-                        f"{file.records[prefix + '|recalibrated'].acc:.4f} ({seconds:.1f} s)")
-                    if policy not in finetunes or init not in study.finetune_inits:
-                        continue
-                    for share in finetunes[policy]:
+                    if not done:
+                        file.add(Record(f"{prefix}|recalibrated", base.label, policy, init, seed, "recalibrated",
+                                        accuracy(tied), params, seconds=time.perf_counter() - start,
+                                        output_error=error))
+                        log(f"{prefix}: tied {file.records[prefix + '|tied'].acc:.4f}, recalibrated "
+                            f"{file.records[prefix + '|recalibrated'].acc:.4f} ({seconds:.1f} s)")
+                    for share in missing:
                         key = f"{prefix}|finetuned|{share:g}"
-                        if key in file.records:
-                            continue
                         steps = max(1, round(share * record["steps"]))
                         tuned = copy.deepcopy(tied)
                         config = kshare.TrainConfig(epochs=1, lr=study.finetune_lr, batch_size=128, distill=True,

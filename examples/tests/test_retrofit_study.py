@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from pathlib import Path
 
@@ -79,3 +80,31 @@ def test_a_policy_with_the_same_plan_is_fitted_once() -> None:
     found = {p: kshare.plan(model, p, input_size=(3, 32, 32)) for p in ("stage", "all", "chunk:2")}
     # resnet18 has no two 3x3 convs of equal shape in different stages: `all` ties what `stage` ties
     assert retrofit_study.same_plans(found) == {"all": "stage"}
+    # a lora:auto plan that gave no member a rank is the plain plan; one with deltas is not
+    stage = found["stage"]
+    bare = dataclasses.replace(stage, relax="lora:auto", groups=tuple(
+        dataclasses.replace(g, ranks=(0,) * len(g.members)) for g in stage.groups))
+    ranked = dataclasses.replace(bare, relax_params=64, groups=(
+        dataclasses.replace(bare.groups[0], ranks=(1,) * len(bare.groups[0].members)), *bare.groups[1:]))
+    assert retrofit_study.same_plans({"stage": stage, "bare": bare, "ranked": ranked}) == {"bare": "stage"}
+
+
+def test_an_interrupted_fine_tune_is_run_on_rerun(smoke: Path, tmp_path: Path) -> None:
+    import json
+
+    data = json.loads(smoke.read_text())
+    gone = next(r for r in data["records"] if r["stage"] == "finetuned")
+    kept = [r for r in data["records"] if r is not gone]
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({**data, "records": kept}))
+    assert retrofit_study.main(["--preset", "smoke", "--out", str(partial), "--work", str(smoke.parent / "work")]) == 0
+    _, records = retrofit_study.read_study(partial)
+    by_key = {r.key: r for r in records}
+    assert gone["key"] in by_key and by_key[gone["key"]].steps == gone["steps"]
+    assert all(by_key[r["key"]].acc == r["acc"] for r in kept)  # the finished records stay as they were
+
+
+def test_a_study_resumed_elsewhere_names_both_machines() -> None:
+    merged = retrofit_study.merge_machines({"device": "cpu", "threads": 1}, {"device": "cpu", "threads": 2})
+    assert merged == {"device": "cpu", "threads": [1, 2]}
+    assert retrofit_study.merge_machines(merged, {"device": "cpu", "threads": 2}) == merged
