@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from paper_study import machine
+from paper_study import Arch, machine
 from torch import nn
 
 import kshare
@@ -48,21 +48,10 @@ INITS = ("mean", "norm_mean", "oneshot", "sequential")
 
 
 @dataclass(frozen=True)
-class Baseline:
-    """One trained network: how it is built and trained (untied), and the size it is fed at."""
+class Baseline(Arch):
+    """One trained network: the paper study's architecture and budget, on a sample of the data."""
 
-    label: str
-    ref: str
-    kwargs: dict[str, Any]
-    epochs: int
-    lr: float
-    image_size: int | None = None
     train_limit: int | None = None
-    batch_size: int = 128
-
-    @property
-    def slug(self) -> str:
-        return self.label.lower().replace(" ", "-").replace("/", "-")
 
 
 @dataclass(frozen=True)
