@@ -96,6 +96,12 @@ PRESETS = {
         Baseline("ConvMixer-64/8", "kshare:convmixer_64_8", {"in_chans": 1, "kernel_size": 5, "patch_size": 2},
                  epochs=4, lr=3e-3, train_limit=6000),
     )),
+    # the "trained to convergence": a cosine schedule three times as long, so that 5% of its
+    # steps is a real fine-tune (the 2-epoch baseline above is the one `kshare apply --fit data` shows)
+    "converged": Study(
+        baselines=(Baseline("ResNet-18 6-epoch", "resnet18", {"num_classes": 10}, epochs=6, lr=1e-3,
+                            image_size=32),),
+        finetunes=(("stage", (0.01, 0.05, 0.10)),), finetune_inits=("sequential", "mean")),
     "smoke": Study(
         baselines=(Baseline("ConvMixer-16/3", "kshare:convmixer_16_3",
                             {"in_chans": 1, "kernel_size": 3, "patch_size": 1}, epochs=4, lr=3e-3, batch_size=64),),
@@ -245,6 +251,10 @@ def run_study(study: Study, path: Path, work: Path, log: Any = print) -> list[Re
             for key in stale:
                 del file.records[key]  # made before the study knew the plans were the same
             file.write()
+        # first every fit (cheap), then the fine-tunes in the order of `finetune_inits`, so that an
+        # interrupted run has the numbers that matter most; a fitted model waits in memory for its fine-tunes
+        waiting: dict[str, tuple[nn.Module, float | None]] = {}
+        pending: list[tuple[str, str, int, list[float]]] = []
         for policy, plan in chosen.items():
             if policy in repeats:
                 log(f"{base.label}|{policy}: the same plan as {repeats[policy]}, not fitted again")
@@ -254,44 +264,53 @@ def run_study(study: Study, path: Path, work: Path, log: Any = print) -> list[Re
                     prefix = f"{base.label}|{policy}|{init}|{seed}"
                     shares = finetunes.get(policy, ()) if init in study.finetune_inits else ()
                     missing = [s for s in shares if f"{prefix}|finetuned|{s:g}" not in file.records]
-                    done = f"{prefix}|recalibrated" in file.records
-                    if done and not missing:
+                    if missing:
+                        pending.append((policy, init, seed, missing))
+                    if f"{prefix}|recalibrated" in file.records:
                         continue
-                    # a point whose fine-tunes were interrupted is fitted again (same seed, same images) to
-                    # start them from the same model; its records stay as they were
                     tied, seconds, error = _tie(model, plan, init, train, study, seed, size)
                     params = sum(p.numel() for p in tied.parameters())
                     first = file.records.get(f"{base.label}|{policy}|{init}|{study.seeds[0]}|tied")
                     same = first is not None and init in ("mean", "norm_mean")  # no data: the same model as seed 0
-                    if not done:
-                        file.add(Record(f"{prefix}|tied", base.label, policy, init, seed, "tied",
-                                        first.acc if same and first else accuracy(tied), params, seconds=seconds,
-                                        output_error=error))
+                    file.add(Record(f"{prefix}|tied", base.label, policy, init, seed, "tied",
+                                    first.acc if same and first else accuracy(tied), params, seconds=seconds,
+                                    output_error=error))
                     start = time.perf_counter()
-                    recalibrate_on(tied, calibration_batches(train, study.calib_images, 256,
-                                                             adapter_for(tied, train, size), torch.device("cpu"), seed))
-                    if not done:
-                        file.add(Record(f"{prefix}|recalibrated", base.label, policy, init, seed, "recalibrated",
-                                        accuracy(tied), params, seconds=time.perf_counter() - start,
-                                        output_error=error))
-                        log(f"{prefix}: tied {file.records[prefix + '|tied'].acc:.4f}, recalibrated "
-                            f"{file.records[prefix + '|recalibrated'].acc:.4f} ({seconds:.1f} s)")
-                    for share in missing:
-                        key = f"{prefix}|finetuned|{share:g}"
-                        steps = max(1, round(share * record["steps"]))
-                        tuned = copy.deepcopy(tied)
-                        config = kshare.TrainConfig(epochs=1, lr=study.finetune_lr, batch_size=128, distill=True,
-                                                    seed=seed, image_size=size)
-                        start = time.perf_counter()
-                        with tempfile.TemporaryDirectory() as tmp:
-                            summary = kshare.finetune(tuned, train.subset(steps * 128, seed=seed), test, config,
-                                                      Path(tmp) / "tuned.pt", teacher=copy.deepcopy(model),
-                                                      device="cpu")
-                        file.add(Record(key, base.label, policy, init, seed, "finetuned",
-                                        summary["history"][-1]["test_acc"], params, steps=steps,
-                                        seconds=time.perf_counter() - start, output_error=error))
-                        log(f"{key}: {steps} steps → {file.records[key].acc:.4f}")
+                    _recalibrate(tied, train, study, seed, size)
+                    file.add(Record(f"{prefix}|recalibrated", base.label, policy, init, seed, "recalibrated",
+                                    accuracy(tied), params, seconds=time.perf_counter() - start, output_error=error))
+                    log(f"{prefix}: tied {file.records[prefix + '|tied'].acc:.4f}, recalibrated "
+                        f"{file.records[prefix + '|recalibrated'].acc:.4f} ({seconds:.1f} s)")
+                    if missing:
+                        waiting[prefix] = (tied, error)
+        pending.sort(key=lambda p: study.finetune_inits.index(p[1]))
+        for policy, init, seed, missing in pending:
+            prefix = f"{base.label}|{policy}|{init}|{seed}"
+            if prefix in waiting:
+                tied, error = waiting.pop(prefix)
+            else:  # fitted by an interrupted run: fitted again (same seed, same images) to start from the same model
+                tied, _, error = _tie(model, chosen[policy], init, train, study, seed, size)
+                _recalibrate(tied, train, study, seed, size)
+            params = sum(p.numel() for p in tied.parameters())
+            for share in missing:
+                key = f"{prefix}|finetuned|{share:g}"
+                steps = max(1, round(share * record["steps"]))
+                tuned = copy.deepcopy(tied)
+                config = kshare.TrainConfig(epochs=1, lr=study.finetune_lr, batch_size=128, distill=True,
+                                            seed=seed, image_size=size)
+                start = time.perf_counter()
+                with tempfile.TemporaryDirectory() as tmp:
+                    summary = kshare.finetune(tuned, train.subset(steps * 128, seed=seed), test, config,
+                                              Path(tmp) / "tuned.pt", teacher=copy.deepcopy(model), device="cpu")
+                file.add(Record(key, base.label, policy, init, seed, "finetuned", summary["history"][-1]["test_acc"],
+                                params, steps=steps, seconds=time.perf_counter() - start, output_error=error))
+                log(f"{key}: {steps} steps → {file.records[key].acc:.4f}")
     return list(file.records.values())
+
+
+def _recalibrate(tied: nn.Module, train: kshare.ImageData, study: Study, seed: int, size: int | None) -> None:
+    recalibrate_on(tied, calibration_batches(train, study.calib_images, 256, adapter_for(tied, train, size),
+                                             torch.device("cpu"), seed))
 
 
 def _tie(model: nn.Module, plan: kshare.SharingPlan, init: str, train: kshare.ImageData, study: Study, seed: int,

@@ -108,3 +108,13 @@ def test_a_study_resumed_elsewhere_names_both_machines() -> None:
     merged = retrofit_study.merge_machines({"device": "cpu", "threads": 1}, {"device": "cpu", "threads": 2})
     assert merged == {"device": "cpu", "threads": [1, 2]}
     assert retrofit_study.merge_machines(merged, {"device": "cpu", "threads": 2}) == merged
+
+
+def test_fine_tunes_run_after_every_fit_in_the_order_of_finetune_inits(smoke: Path) -> None:
+    _, records = retrofit_study.read_study(smoke)  # records keep the order they were made in
+    stages = [r.stage for r in records if r.policy != "untied"]
+    first_tune = stages.index("finetuned")
+    assert "finetuned" not in stages[:first_tune] and set(stages[first_tune:]) == {"finetuned"}
+    order = retrofit_study.PRESETS["smoke"].finetune_inits
+    ranks = [order.index(r.init) for r in records if r.stage == "finetuned"]
+    assert ranks == sorted(ranks) and len(set(ranks)) == len(order)
