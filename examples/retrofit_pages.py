@@ -101,8 +101,11 @@ def _baseline(lines: list[str], header: dict[str, Any], records: list[Record]) -
         if tuned:
             steps = sorted({r.steps for r in tuned})
             shares = {s: s / max(note.get("steps", 1), 1) for s in steps}
+            warmup = study.get("finetune_warmup", 0.0)
             lines += ["", "After a short distillation fine-tune from the untied baseline (AdamW, lr "
-                      f"{study['finetune_lr']:g}, one pass over a class-balanced sample), starting from the "
+                      f"{study['finetune_lr']:g}"
+                      + (f" warmed up linearly over the first {warmup:.0%} of the steps" if warmup else "")
+                      + ", one pass over a class-balanced sample), starting from the "
                       "recalibrated model; columns: optimiser steps (share of the baseline's):", "",
                       "| policy | init | " + " | ".join(f"{s} steps ({shares[s]:.0%}) %" for s in steps) + " |",
                       "| --- | --- | " + " | ".join("---:" for _ in steps) + " |"]

@@ -69,6 +69,7 @@ class Study:
     finetunes: tuple[tuple[str, tuple[float, ...]], ...] = (("stage", (0.01, 0.05, 0.10)), ("all", (0.05,)))
     finetune_inits: tuple[str, ...] = ("mean", "sequential")  # (shares: of the baseline's optimiser steps)
     finetune_lr: float = 3e-4
+    finetune_warmup: float = 0.0  # share of a fine-tune's steps with a linear lr warmup
 
 
 @dataclass
@@ -101,7 +102,9 @@ PRESETS = {
     "converged": Study(
         baselines=(Baseline("ResNet-18 6-epoch", "resnet18", {"num_classes": 10}, epochs=6, lr=1e-3,
                             image_size=32),),
-        finetunes=(("stage", (0.01, 0.05, 0.10)),), finetune_inits=("sequential", "mean")),
+        # a quarter of the steps warming up: AdamW's first steps move every weight by about lr, which a
+        # fitted model pays for (47 steps on the 2-epoch baseline, 1 seed: 88.33% without, 88.66% with)
+        finetunes=(("stage", (0.01, 0.05, 0.10)),), finetune_inits=("sequential", "mean"), finetune_warmup=0.25),
     "smoke": Study(
         baselines=(Baseline("ConvMixer-16/3", "kshare:convmixer_16_3",
                             {"in_chans": 1, "kernel_size": 3, "patch_size": 1}, epochs=4, lr=3e-3, batch_size=64),),
@@ -118,7 +121,7 @@ class StudyFile:
         self.machine = machine()
         if path.is_file():
             data = json.loads(path.read_text())
-            if data.get("format") != STUDY_FORMAT or data.get("study") != jsonable(study):
+            if data.get("format") != STUDY_FORMAT or with_defaults(data.get("study")) != jsonable(study):
                 raise StudyError(f"{path} holds another study or other settings: pass another --out, or delete it")
             self.records = {r["key"]: Record(**r) for r in data["records"]}
             self.notes, self.machine = data.get("notes", {}), data.get("machine") or self.machine
@@ -150,6 +153,15 @@ def merge_machines(stored: dict[str, Any], current: dict[str, Any]) -> dict[str,
 
 def jsonable(study: Study) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(study)))
+
+
+def with_defaults(stored: Any) -> Any:
+    """Study settings as stored, with the fields added since then at their defaults (which is what
+    the file was made with)."""
+    if not isinstance(stored, dict):
+        return stored
+    defaults = {f.name: f.default for f in dataclasses.fields(Study) if f.default is not dataclasses.MISSING}
+    return {**json.loads(json.dumps(defaults)), **stored}
 
 
 def read_study(path: str | Path) -> tuple[dict[str, Any], list[Record]]:
@@ -297,7 +309,7 @@ def run_study(study: Study, path: Path, work: Path, log: Any = print) -> list[Re
                 steps = max(1, round(share * record["steps"]))
                 tuned = copy.deepcopy(tied)
                 config = kshare.TrainConfig(epochs=1, lr=study.finetune_lr, batch_size=128, distill=True,
-                                            seed=seed, image_size=size)
+                                            seed=seed, image_size=size, warmup_epochs=study.finetune_warmup)
                 start = time.perf_counter()
                 with tempfile.TemporaryDirectory() as tmp:
                     summary = kshare.finetune(tuned, train.subset(steps * 128, seed=seed), test, config,

@@ -118,3 +118,25 @@ def test_fine_tunes_run_after_every_fit_in_the_order_of_finetune_inits(smoke: Pa
     order = retrofit_study.PRESETS["smoke"].finetune_inits
     ranks = [order.index(r.init) for r in records if r.stage == "finetuned"]
     assert ranks == sorted(ranks) and len(set(ranks)) == len(order)
+
+
+def test_a_file_made_before_a_setting_existed_resumes(smoke: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    data = json.loads(smoke.read_text())
+    del data["study"]["finetune_warmup"]  # files written before the field existed were made at its default
+    older = tmp_path / "older.json"
+    older.write_text(json.dumps(data))
+    monkeypatch.setattr(retrofit_study, "fit_and_tie", lambda *a, **k: pytest.fail("a finished point was refitted"))
+    assert retrofit_study.main(["--preset", "smoke", "--out", str(older), "--work", str(smoke.parent / "work")]) == 0
+    data["study"]["finetune_lr"] = 1.0  # a setting that differs is still refused
+    older.write_text(json.dumps(data))
+    assert retrofit_study.main(["--preset", "smoke", "--out", str(older), "--work", str(smoke.parent / "work")]) == 2
+
+
+def test_the_section_names_the_fine_tune_warmup(smoke: Path) -> None:
+    header, records = retrofit_study.read_study(smoke)
+    assert "warmed up" not in retrofit_section([(header, records)], "cmd")
+    warm = {**header, "study": {**header["study"], "finetune_warmup": 0.25}}
+    assert "warmed up linearly over the first 25% of the steps" in retrofit_section([(warm, records)], "cmd")
