@@ -325,10 +325,13 @@ def results_page(header: dict[str, Any], records: list[RunRecord], study: Study,
         page = _sweep_section(page, docs, sweeps, sweep_script)
     if retrofit:
         from retrofit_pages import retrofit_section
+        from retrofit_study import command_for
         from retrofit_study import read_study as read_retrofit
 
-        page += "\n" + retrofit_section([read_retrofit(path) for path in retrofit],
-                                        "python examples/retrofit_study.py --only BASELINE --out JSON")
+        studies = [read_retrofit(path) for path in retrofit]
+        page += "\n" + retrofit_section(studies, "python examples/retrofit_study.py --only BASELINE --out JSON",
+                                        [command_for(path, header["study"]) for path, (header, _) in
+                                         zip(retrofit, studies, strict=True)])
     return page
 
 

@@ -25,9 +25,10 @@ def _seen(machine: dict[str, Any], key: str) -> str:
     return " or ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def retrofit_section(studies: list[tuple[dict[str, Any], list[Record]]], command: str) -> str:
+def retrofit_section(studies: list[tuple[dict[str, Any], list[Record]]], command: str,
+                     commands: list[str] | None = None) -> str:
     """Section 4 from one or more study files (one per baseline, as `--only` writes them): the
-    settings of the first, a subsection per baseline."""
+    settings of the first, a subsection per baseline (`commands`: the one that made each file)."""
     header = studies[0][0]
     study = header["study"]
     shared = ("data", "seeds", "calib_images", "test_limit", "policies", "inits")
@@ -52,12 +53,12 @@ def retrofit_section(studies: list[tuple[dict[str, Any], list[Record]]], command
         f"`{study['data']}` test images. Fit times are wall times of the whole fit (statistics, solves, tying), "
         "on the machine named under each baseline.",
     ]
-    for header, records in studies:
-        _baseline(lines, header, records)
+    for i, (header, records) in enumerate(studies):
+        _baseline(lines, header, records, commands[i] if commands else None)
     return "\n".join(lines) + "\n"
 
 
-def _baseline(lines: list[str], header: dict[str, Any], records: list[Record]) -> None:
+def _baseline(lines: list[str], header: dict[str, Any], records: list[Record], command: str | None) -> None:
     """The subsections of one study file: a table per baseline, fine-tunes, verdicts."""
     study, notes, m = header["study"], header.get("notes", {}), header.get("machine", {})
     by: dict[tuple[str, str, str, str], list[Record]] = defaultdict(list)
@@ -75,7 +76,7 @@ def _baseline(lines: list[str], header: dict[str, Any], records: list[Record]) -
                   + f"); untied test accuracy **{100 * untied:.2f}%**. Machine: {_seen(m, 'device')}, "
                   f"{_seen(m, 'cpus')} CPUs, {_seen(m, 'threads')} thread(s), torch {_seen(m, 'torch')}"
                   + (" (the study was resumed with other settings)" if any(isinstance(v, list) for v in m.values())
-                     else "") + ".", "",
+                     else "") + "." + (f" Made by `{command}`." if command else ""), "",
                   "| policy | params | init | right after tying % | + BatchNorm recalibrated % | of untied | "
                   "output error | fit s |",
                   "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]

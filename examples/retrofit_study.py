@@ -164,6 +164,17 @@ def with_defaults(stored: Any) -> Any:
     return {**json.loads(json.dumps(defaults)), **stored}
 
 
+def command_for(path: str | Path, stored: dict[str, Any]) -> str:
+    """The command that makes (or resumes) the study file at `path`: the preset and baseline whose
+    settings it holds."""
+    for name, study in PRESETS.items():
+        for base in study.baselines:
+            if jsonable(dataclasses.replace(study, baselines=(base,))) == with_defaults(stored):
+                preset = "" if name == "cpu" else f" --preset {name}"
+                return f"python examples/retrofit_study.py{preset} --only \"{base.label}\" --out {path}"
+    raise StudyError(f"{path} was made with settings no preset has")
+
+
 def read_study(path: str | Path) -> tuple[dict[str, Any], list[Record]]:
     data = json.loads(Path(path).read_text())
     if data.get("format") != STUDY_FORMAT:

@@ -140,3 +140,16 @@ def test_the_section_names_the_fine_tune_warmup(smoke: Path) -> None:
     assert "warmed up" not in retrofit_section([(header, records)], "cmd")
     warm = {**header, "study": {**header["study"], "finetune_warmup": 0.25}}
     assert "warmed up linearly over the first 25% of the steps" in retrofit_section([(warm, records)], "cmd")
+
+
+def test_each_file_names_the_command_that_made_it(smoke: Path) -> None:
+    import json
+
+    header, _ = retrofit_study.read_study(smoke)
+    label = retrofit_study.PRESETS["smoke"].baselines[0].label
+    assert retrofit_study.command_for(smoke, header["study"]) == (
+        f'python examples/retrofit_study.py --preset smoke --only "{label}" --out {smoke}')
+    odd = json.loads(json.dumps(header["study"]))
+    odd["seeds"] = [7]
+    with pytest.raises(retrofit_study.StudyError, match="no preset"):
+        retrofit_study.command_for(smoke, odd)
