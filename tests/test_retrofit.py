@@ -330,7 +330,7 @@ def test_cli_retrofit_reports_every_step(trained: nn.Module, tmp_path: Path) -> 
     factory = f"{Path(__file__).parent / 'conftest.py'}:make_residual_bn_used"
     code, out = cli("retrofit", factory, "-k", "in_chans=1", "-k", "width=16", "--weights", base, "-g", "all",
                     "--data", "digits", "--calib-images", "256", "--epochs", "1", "--limit-train", "256", "--json",
-                    "--out", tmp_path / "r.pt")
+                    "--warmup", "0.5", "--out", tmp_path / "r.pt")
     assert code == 0, out
     report = json.loads(out.strip().splitlines()[-1])
     steps = [s["step"] for s in report["steps"]]
@@ -339,3 +339,5 @@ def test_cli_retrofit_reports_every_step(trained: nn.Module, tmp_path: Path) -> 
     # fitted for a network whose BatchNorm is then re-estimated: together they keep more than the mean kernel
     assert accs["BatchNorm recalibrated"] > accs["tied (mean init)"]
     assert kshare.load(tmp_path / "r.pt", _fresh()) is not None and report["plan"]["groups"][0]["init"] == "data"
+    tuned = torch.load(tmp_path / "r.pt", weights_only=True)["extra"]["finetune"]["config"]
+    assert tuned["warmup_epochs"] == 0.5 and tuned["distill"]  # the fine-tune ran as asked

@@ -312,6 +312,9 @@ def retrofit(
     epochs: Annotated[int, typer.Option(help="Fine-tune epochs after the fit (0: none).")] = 0,
     distill: Annotated[bool, typer.Option(help="Distil the fine-tune from the untied model.")] = True,
     lr: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = 1e-3,
+    warmup: Annotated[float, typer.Option(
+        help="Fine-tune linear warm-up, in epochs (fractions allowed): a fitted model loses less to "
+             "AdamW's first, full-size steps.")] = 0.0,
     batch_size: Annotated[int, typer.Option(help="Fine-tune images per step.")] = 128,
     limit_train: LimitOpt = None,
     limit_test: LimitOpt = None,
@@ -355,7 +358,7 @@ def retrofit(
     if epochs:
         teacher = copy.deepcopy(net) if distill else None
         train_config = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, distill=distill, seed=seed,
-                                   image_size=image_size)
+                                   image_size=image_size, warmup_epochs=warmup)
         with progress_bars() as progress:
             summary = run_finetune(model, train_data, test_data, train_config, out, teacher=teacher,
                                    device=str(rt.device), progress=progress)
