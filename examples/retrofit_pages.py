@@ -20,6 +20,13 @@ def _spread(values: list[float]) -> str:
     return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
+def _cell(records: list[Record], seeds: int) -> str:
+    """Mean ± sd of a fine-tune cell; one that an interrupted study left with fewer seeds says how many."""
+    if not records:
+        return "–"
+    return _spread([r.acc for r in records]) + (f" (n={len(records)})" if len(records) < seeds else "")
+
+
 def _seen(machine: dict[str, Any], key: str) -> str:
     value = machine.get(key, "?")
     return " or ".join(map(str, value)) if isinstance(value, list) else str(value)
@@ -115,7 +122,7 @@ def _baseline(lines: list[str], header: dict[str, Any], records: list[Record], c
                     cells = [by.get((label, policy, init, f"finetuned|{s}"), []) for s in steps]
                     if any(cells):
                         lines.append(f"| {policy} | {INIT_NAMES[init]} | "
-                                     + " | ".join(_spread([r.acc for r in c]) if c else "–" for c in cells) + " |")
+                                     + " | ".join(_cell(c, len(study["seeds"])) for c in cells) + " |")
         lines += ["", *_verdicts(label, untied, by, study, note)]
 
 

@@ -153,3 +153,12 @@ def test_each_file_names_the_command_that_made_it(smoke: Path) -> None:
     odd["seeds"] = [7]
     with pytest.raises(retrofit_study.StudyError, match="no preset"):
         retrofit_study.command_for(smoke, odd)
+
+
+def test_a_fine_tune_cell_with_fewer_seeds_says_how_many(smoke: Path) -> None:
+    header, records = retrofit_study.read_study(smoke)
+    tuned = [r for r in records if r.stage == "finetuned"]
+    assert "(n=" not in retrofit_section([(header, records)], "cmd")
+    dropped = next(r for r in tuned if r.seed == 0)
+    page = retrofit_section([(header, [r for r in records if r is not dropped])], "cmd")
+    assert page.count(f"(n={len(header['study']['seeds']) - 1})") == 1
