@@ -3,6 +3,7 @@
     python examples/retrofit_study.py --only ResNet-18 --out docs/results/retrofit_resnet18.json
     python examples/retrofit_study.py --only "DenseNet small" --out docs/results/retrofit_densenet.json
     python examples/retrofit_study.py --only ConvMixer-64/8 --out docs/results/retrofit_convmixer.json
+    python examples/retrofit_study.py --preset converged --out docs/results/retrofit_resnet18_converged.json
     python examples/retrofit_study.py --preset smoke --out /tmp/r.json  # seconds, for the tests
 
 Each baseline is trained untied by `kshare.finetune` (or reused from --work when its
