@@ -168,9 +168,10 @@ def with_defaults(stored: Any) -> Any:
 def command_for(path: str | Path, stored: dict[str, Any]) -> str:
     """The command that makes (or resumes) the study file at `path`: the preset and baseline whose
     settings it holds."""
+    settings = with_defaults(stored)
     for name, study in PRESETS.items():
         for base in study.baselines:
-            if jsonable(dataclasses.replace(study, baselines=(base,))) == with_defaults(stored):
+            if jsonable(dataclasses.replace(study, baselines=(base,))) == settings:
                 preset = "" if name == "cpu" else f" --preset {name}"
                 return f"python examples/retrofit_study.py{preset} --only \"{base.label}\" --out {path}"
     raise StudyError(f"{path} was made with settings no preset has")
