@@ -341,3 +341,11 @@ def test_cli_retrofit_reports_every_step(trained: nn.Module, tmp_path: Path) -> 
     assert kshare.load(tmp_path / "r.pt", _fresh()) is not None and report["plan"]["groups"][0]["init"] == "data"
     tuned = torch.load(tmp_path / "r.pt", weights_only=True)["extra"]["finetune"]["config"]
     assert tuned["warmup_epochs"] == 0.5 and tuned["distill"]  # the fine-tune ran as asked
+
+
+def test_cli_retrofit_refuses_a_bad_fine_tune_option_before_fitting(tmp_path: Path) -> None:
+    code, out = cli("retrofit", "kshare:convmixer_16_3", "-k", "in_chans=1", "--data", "digits", "--epochs", "1",
+                    "--warmup", "-1", "--out", tmp_path / "r.pt")
+    assert code == 2 and out.strip().splitlines() == [out.strip().splitlines()[-1]], out
+    assert out.strip().startswith("error:") and "--warmup" in out and "untied" not in out
+    assert not (tmp_path / "r.pt").exists()

@@ -204,6 +204,7 @@ CalibImagesOpt = Annotated[int, typer.Option(help="Calibration images a data fit
 FitModeOpt = Annotated[str, typer.Option(help="sequential: groups fitted in network order on the partially tied "
                                               "network (best); oneshot: all from one pass of the untied network "
                                               "(fastest).")]
+WarmupOpt = Annotated[float, typer.Option(help="Linear warm-up of the learning rate, in epochs (fractions allowed).")]
 CompileOpt = Annotated[bool, typer.Option(help="Run the model through torch.compile (slow to start, faster after).")]
 
 

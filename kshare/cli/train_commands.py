@@ -28,6 +28,7 @@ from kshare.cli.app import (
     LimitOpt,
     PrecisionOpt,
     TrustOpt,
+    WarmupOpt,
     WeightsOpt,
     app,
     choice,
@@ -163,7 +164,7 @@ def finetune(
     batch_size: Annotated[int, typer.Option(help="Images per step (per process under torchrun).")] = 128,
     optimizer: Annotated[str, typer.Option(help="adamw or sgd (Nesterov momentum).")] = "adamw",
     weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 0.05,
-    warmup: Annotated[float, typer.Option(help="Linear warm-up, in epochs (fractions allowed).")] = 0.0,
+    warmup: WarmupOpt = 0.0,
     clip_grad: Annotated[float, typer.Option(help="Clip the gradient norm to this (0: off).")] = 0.0,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = 0.0,
     distill: Annotated[bool, typer.Option(help="Add knowledge distillation from --teacher.")] = False,
@@ -312,9 +313,7 @@ def retrofit(
     epochs: Annotated[int, typer.Option(help="Fine-tune epochs after the fit (0: none).")] = 0,
     distill: Annotated[bool, typer.Option(help="Distil the fine-tune from the untied model.")] = True,
     lr: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = 1e-3,
-    warmup: Annotated[float, typer.Option(
-        help="Fine-tune linear warm-up, in epochs (fractions allowed): a fitted model loses less to "
-             "AdamW's first, full-size steps.")] = 0.0,
+    warmup: WarmupOpt = 0.0,
     batch_size: Annotated[int, typer.Option(help="Fine-tune images per step.")] = 128,
     limit_train: LimitOpt = None,
     limit_test: LimitOpt = None,
@@ -326,6 +325,9 @@ def retrofit(
     outputs, re-estimate BatchNorm, optionally fine-tune; test accuracy after every step."""
     if epochs < 0:
         raise TrainingError(f"--epochs must be 0 or more, got {epochs}")
+    # checked before the fit, so that a bad fine-tune option costs nothing
+    train_config = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, distill=distill, seed=seed,
+                               image_size=image_size, warmup_epochs=warmup) if epochs else None
     net, analysis = request.analyze()
     train_data, test_data = _splits(data, data_root, decode_size(net, image_size), limit_train, limit_test)
     assert train_data is not None
@@ -355,10 +357,8 @@ def retrofit(
                                   adapter_for(model, train_data, image_size), rt.device, seed)
     if recalibrate_on(model, batches):
         step("BatchNorm recalibrated", model, time.perf_counter() - start)
-    if epochs:
+    if train_config is not None:
         teacher = copy.deepcopy(net) if distill else None
-        train_config = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, distill=distill, seed=seed,
-                                   image_size=image_size, warmup_epochs=warmup)
         with progress_bars() as progress:
             summary = run_finetune(model, train_data, test_data, train_config, out, teacher=teacher,
                                    device=str(rt.device), progress=progress)
