@@ -294,6 +294,7 @@ def test_cli_bad_input(digits_ckpt: Path, tmp_path: Path) -> None:
     assert "not a kshare checkpoint" in _bad("finetune", str(foreign), "--data", "digits")
     assert "without --distill" in _bad("finetune", str(digits_ckpt), "--data", "digits", "--teacher", str(seven))
     assert "needs a teacher" in _bad("finetune", str(digits_ckpt), "--data", "digits", "--distill")
+    assert "--teacher" in _bad("finetune", str(digits_ckpt), "--data", "digits", "--feature-weight", "1")
     assert "--teacher-weights" in _bad("finetune", str(digits_ckpt), "--data", "digits", "--distill",
                                        "--teacher", "resnet18")  # a random teacher would teach noise
     assert "no resumable state" in _bad("finetune", str(digits_ckpt), "--data", "digits", "--resume",

@@ -205,6 +205,8 @@ FitModeOpt = Annotated[str, typer.Option(help="sequential: groups fitted in netw
                                               "network (best); oneshot: all from one pass of the untied network "
                                               "(fastest).")]
 WarmupOpt = Annotated[float, typer.Option(help="Linear warm-up of the learning rate, in epochs (fractions allowed).")]
+FeatureWeightOpt = Annotated[float, typer.Option(
+    help="Weight of matching the teacher's block outputs (each block holding a tied conv; 0: off).")]
 CompileOpt = Annotated[bool, typer.Option(help="Run the model through torch.compile (slow to start, faster after).")]
 
 

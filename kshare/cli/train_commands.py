@@ -22,6 +22,7 @@ from kshare.cli.app import (
     DataOpt,
     DataRootOpt,
     DeviceOpt,
+    FeatureWeightOpt,
     FitModeOpt,
     ImageSizeOpt,
     KwargOpt,
@@ -172,6 +173,7 @@ def finetune(
     teacher_weights: Annotated[Path | None, typer.Option(help="Weights for a teacher given by name.")] = None,
     temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 4.0,
     alpha: Annotated[float, typer.Option(help="Weight of the distillation term (CE gets 1 - alpha).")] = 0.5,
+    feature_weight: FeatureWeightOpt = 0.0,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Checkpoint to write each epoch.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last completed epoch of the run writing --out.")
                       ] = False,
@@ -195,13 +197,14 @@ def finetune(
         epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay,
         warmup_epochs=warmup, clip_grad=clip_grad, label_smoothing=label_smoothing, distill=distill,
         temperature=temperature, alpha=alpha, seed=seed, amp=amp, image_size=image_size, precision=precision,
-        channels_last=channels_last, compile=compile,
+        channels_last=channels_last, compile=compile, feature_weight=feature_weight,
     )
-    if teacher is not None and not distill:
-        raise TrainingError("--teacher given without --distill")
+    guided = distill or feature_weight > 0
+    if teacher is not None and not guided:
+        raise TrainingError("--teacher given without --distill or --feature-weight")
     out = out or checkpoint.with_name(checkpoint.stem + ".ft.pt")
     net, state = resume_state(out, trust_code=trust_code) if resume else (load(checkpoint, trust_code=trust_code), None)
-    teacher_net = _load_teacher(teacher, teacher_weights, trust_code) if distill and teacher else None
+    teacher_net = _load_teacher(teacher, teacher_weights, trust_code) if guided and teacher else None
     train_data, test_data = _splits(data, data_root, decode_size(net, image_size), limit_train, limit_test)
     assert train_data is not None
     try:
@@ -314,6 +317,7 @@ def retrofit(
     distill: Annotated[bool, typer.Option(help="Distil the fine-tune from the untied model.")] = True,
     lr: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = 1e-3,
     warmup: WarmupOpt = 0.0,
+    feature_weight: FeatureWeightOpt = 0.0,
     batch_size: Annotated[int, typer.Option(help="Fine-tune images per step.")] = 128,
     limit_train: LimitOpt = None,
     limit_test: LimitOpt = None,
@@ -325,9 +329,12 @@ def retrofit(
     outputs, re-estimate BatchNorm, optionally fine-tune; test accuracy after every step."""
     if epochs < 0:
         raise TrainingError(f"--epochs must be 0 or more, got {epochs}")
+    if feature_weight and not epochs:
+        raise TrainingError("--feature-weight shapes the fine-tune: give --epochs too")
     # checked before the fit, so that a bad fine-tune option costs nothing
     train_config = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, distill=distill, seed=seed,
-                               image_size=image_size, warmup_epochs=warmup) if epochs else None
+                               image_size=image_size, warmup_epochs=warmup, feature_weight=feature_weight
+                               ) if epochs else None
     net, analysis = request.analyze()
     train_data, test_data = _splits(data, data_root, decode_size(net, image_size), limit_train, limit_test)
     assert train_data is not None
@@ -358,7 +365,7 @@ def retrofit(
     if recalibrate_on(model, batches):
         step("BatchNorm recalibrated", model, time.perf_counter() - start)
     if train_config is not None:
-        teacher = copy.deepcopy(net) if distill else None
+        teacher = copy.deepcopy(net) if distill or feature_weight > 0 else None
         with progress_bars() as progress:
             summary = run_finetune(model, train_data, test_data, train_config, out, teacher=teacher,
                                    device=str(rt.device), progress=progress)

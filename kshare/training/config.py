@@ -19,7 +19,8 @@ class TrainConfig:
 
     `precision` (`auto`, `bf16`, `fp16`, `fp32`) and `channels_last` (None: auto) choose how
     steps run (`kshare.training.precision`); `amp=False` keeps `auto` to fp32. `compile` runs
-    the model through `torch.compile`.
+    the model through `torch.compile`. `feature_weight` adds the teacher's block outputs as
+    targets (`kshare.training.features`), next to or instead of logit distillation.
     """
 
     epochs: int = 1
@@ -34,6 +35,7 @@ class TrainConfig:
     distill: bool = False
     temperature: float = 4.0
     alpha: float = 0.5
+    feature_weight: float = 0.0
     seed: int = 0
     amp: bool = True
     image_size: int | None = None
@@ -59,6 +61,7 @@ class TrainConfig:
         _number("label_smoothing", self.label_smoothing, 0.0, 1.0)
         _number("temperature", self.temperature, 0.0, 1e3, low_open=True)
         _number("alpha", self.alpha, 0.0, 1.0)
+        _number("feature_weight", self.feature_weight, 0.0, 1e3)
         for name in ("distill", "amp", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise TrainingError(f"{param(name)} must be true or false, got {getattr(self, name)!r}")

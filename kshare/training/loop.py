@@ -37,6 +37,7 @@ from kshare.surgery.tie import verify_tied
 from kshare.training.config import TrainConfig
 from kshare.training.data import ImageData, adapter_for, check_splits, recipe_for
 from kshare.training.evaluate import check_classes, evaluate, logits_of
+from kshare.training.features import FeatureTaps, feature_loss, matched_features
 from kshare.training.precision import Setup, candidates, choose_setup, time_steps
 from kshare.training.resume import (
     config_changes,
@@ -192,6 +193,8 @@ def finetune(
     """
     if config.distill and teacher is None:
         raise TrainingError(f"distillation needs a teacher: pass {param('teacher')}")
+    if config.feature_weight > 0 and teacher is None:
+        raise TrainingError(f"{param('feature_weight')} matches a teacher's block outputs: pass {param('teacher')}")
     check_splits(train_data, test_data)
     rt = runtime(device)
     out = Path(out)
@@ -253,85 +256,91 @@ def finetune(
     check_every = CHECK_EVERY.get(rt.device.type, 1)
 
     history: list[dict[str, Any]] = []
-    for epoch in range(start, config.epochs):
-        net.train()
-        task = f"epoch {epoch + 1}/{config.epochs}"
-        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
-        correct = torch.zeros((), dtype=torch.long, device=rt.device)
-        first_bad = torch.full((), -1, dtype=torch.long, device=rt.device)
-        seen, stats = 0, ""
-        last = f"the last good checkpoint {out} (epoch {epoch}) is kept" if epoch > 0 else \
-            "no checkpoint was written"
-        t0 = time.perf_counter()
-        for step, idx in enumerate(index_batches(len(train.labels), config.batch_size, rt, gen,
-                                                 device=train.images.device)):
-            x = setup.layout(train_adapter(train.images[idx].to(rt.device, non_blocking=True), train=True))
-            y = train.labels[idx].to(rt.device, non_blocking=True)
-            with setup.autocast(rt.device):
-                logits = logits_of(net(x))
-                with torch.no_grad():
-                    t_logits = logits_of(teacher(x)) if teacher is not None and config.distill else None
-                loss, _, _ = distill_loss(logits.float(), t_logits, y, config)
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
-                                    torch.full_like(first_bad, step), first_bad)
-            if (step + 1) % check_every == 0 or step + 1 == steps:
-                _stop_if_bad(first_bad, loss, rt, epoch, last)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.clip_grad > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss_sum += loss.detach().double() * len(idx)
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += len(idx)
-            if rt.main and progress is not None:
-                if (step + 1) % check_every == 0 or step + 1 == steps:  # the figures cost a sync
-                    stats = f"loss {loss_sum.item() / seen:.3f} acc {correct.item() / seen:.3f}"
-                rate = seen * rt.world / (time.perf_counter() - t0)
-                report(progress, task, step + 1, steps, f"{rate:,.0f} img/s {stats}")
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize(rt.device)
-        seconds = time.perf_counter() - t0
-        loss_total, right, seen_all = all_sum([loss_sum.item(), float(correct.item()), float(seen)], rt)
-        if rt.world > 1:
-            # DDP sends rank 0's buffers before each forward, so each rank's last forward
-            # leaves its own batch-norm statistics: make every rank evaluate (and rank 0 save) one model.
-            for buffer in model.buffers():
-                dist.broadcast(buffer, 0)
-        # under DDP every rank evaluates its own share of the images, so not through DDP's collective forward
-        test_figures = evaluate(model if rt.world > 1 else net, test, test_adapter, max(256, config.batch_size), rt,
-                                setup)
-        broken = nonfinite(model)
-        if broken or not math.isfinite(test_figures["loss"]):
-            what = f"{len(broken)} weight tensor(s) hold non-finite values (e.g. {broken[0]})" if broken else \
-                f"the test loss is {test_figures['loss']}"
-            raise TrainingError(f"after epoch {epoch + 1} {what}; {last}; lower {param('lr')} or set "
-                                f"{param('clip_grad')}")
-        row = {"epoch": epoch + 1, "train_loss": loss_total / seen_all, "train_acc": right / seen_all,
-               "test_loss": test_figures["loss"], "test_acc": test_figures["acc"], "lr": scheduler.get_last_lr()[0],
-               "images_per_s": seen_all / seconds, "seconds": seconds, "world_size": rt.world, **setup.to_dict()}
-        history.append(row)
-        if rt.main:
-            # The resumable state first (model + optimiser), then the slim model: a kill
-            # between the two loses nothing, and `out` never carries optimiser moments.
-            attach_recipe(model, recipe)
-            provenance = {"epoch": epoch + 1, "data": train_data.name, "train_images": len(train_data.labels),
-                          "config": asdict(config), "metrics": row}
-            train_state = provenance | {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                        "rng": rng_state(), "setup": setup.to_dict()}
-            save(model, state_path(out), spec=spec_of(model), extra={"train_state": train_state})
-            save(model, out, spec=spec_of(model), extra={"finetune": provenance})
-            with open(metrics_file, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            log.info(f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.4f} "
-                     f"acc {row['train_acc']:.4f}, test loss {row['test_loss']:.4f} "
-                     f"acc {row['test_acc']:.4f}, {row['images_per_s']:,.0f} img/s")
-        if rt.world > 1:
-            dist.barrier()
+    with matched_features(model, teacher, config.feature_weight) as taps:
+        for epoch in range(start, config.epochs):
+            net.train()
+            task = f"epoch {epoch + 1}/{config.epochs}"
+            gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+            correct = torch.zeros((), dtype=torch.long, device=rt.device)
+            first_bad = torch.full((), -1, dtype=torch.long, device=rt.device)
+            seen, stats = 0, ""
+            last = f"the last good checkpoint {out} (epoch {epoch}) is kept" if epoch > 0 else \
+                "no checkpoint was written"
+            t0 = time.perf_counter()
+            for step, idx in enumerate(index_batches(len(train.labels), config.batch_size, rt, gen,
+                                                     device=train.images.device)):
+                x = setup.layout(train_adapter(train.images[idx].to(rt.device, non_blocking=True), train=True))
+                y = train.labels[idx].to(rt.device, non_blocking=True)
+                _tapping(taps, True)
+                with setup.autocast(rt.device):
+                    logits = logits_of(net(x))
+                    with torch.no_grad():
+                        t_logits = logits_of(teacher(x)) if teacher is not None and (config.distill or taps) \
+                            else None
+                    loss, _, _ = distill_loss(logits.float(), t_logits if config.distill else None, y, config)
+                    if taps is not None:
+                        loss = loss + config.feature_weight * feature_loss(taps[0].take(), taps[1].take())
+                _tapping(taps, False)
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()),
+                                        torch.full_like(first_bad, step), first_bad)
+                if (step + 1) % check_every == 0 or step + 1 == steps:
+                    _stop_if_bad(first_bad, loss, rt, epoch, last)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if config.clip_grad > 0:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                loss_sum += loss.detach().double() * len(idx)
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += len(idx)
+                if rt.main and progress is not None:
+                    if (step + 1) % check_every == 0 or step + 1 == steps:  # the figures cost a sync
+                        stats = f"loss {loss_sum.item() / seen:.3f} acc {correct.item() / seen:.3f}"
+                    rate = seen * rt.world / (time.perf_counter() - t0)
+                    report(progress, task, step + 1, steps, f"{rate:,.0f} img/s {stats}")
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize(rt.device)
+            seconds = time.perf_counter() - t0
+            loss_total, right, seen_all = all_sum([loss_sum.item(), float(correct.item()), float(seen)], rt)
+            if rt.world > 1:
+                # DDP sends rank 0's buffers before each forward, so each rank's last forward
+                # leaves its own batch-norm statistics: make every rank evaluate (and rank 0 save) one model.
+                for buffer in model.buffers():
+                    dist.broadcast(buffer, 0)
+            # under DDP every rank evaluates its own share of the images, so not through DDP's collective forward
+            test_figures = evaluate(model if rt.world > 1 else net, test, test_adapter, max(256, config.batch_size), rt,
+                                    setup)
+            broken = nonfinite(model)
+            if broken or not math.isfinite(test_figures["loss"]):
+                what = f"{len(broken)} weight tensor(s) hold non-finite values (e.g. {broken[0]})" if broken else \
+                    f"the test loss is {test_figures['loss']}"
+                raise TrainingError(f"after epoch {epoch + 1} {what}; {last}; lower {param('lr')} or set "
+                                    f"{param('clip_grad')}")
+            row = {"epoch": epoch + 1, "train_loss": loss_total / seen_all, "train_acc": right / seen_all,
+                   "test_loss": test_figures["loss"], "test_acc": test_figures["acc"], "lr": scheduler.get_last_lr()[0],
+                   "images_per_s": seen_all / seconds, "seconds": seconds, "world_size": rt.world, **setup.to_dict()}
+            history.append(row)
+            if rt.main:
+                # The resumable state first (model + optimiser), then the slim model: a kill
+                # between the two loses nothing, and `out` never carries optimiser moments.
+                attach_recipe(model, recipe)
+                provenance = {"epoch": epoch + 1, "data": train_data.name, "train_images": len(train_data.labels),
+                              "config": asdict(config), "metrics": row}
+                train_state = provenance | {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                            "rng": rng_state(), "setup": setup.to_dict()}
+                save(model, state_path(out), spec=spec_of(model), extra={"train_state": train_state})
+                save(model, out, spec=spec_of(model), extra={"finetune": provenance})
+                with open(metrics_file, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                log.info(f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.4f} "
+                         f"acc {row['train_acc']:.4f}, test loss {row['test_loss']:.4f} "
+                         f"acc {row['test_acc']:.4f}, {row['images_per_s']:,.0f} img/s")
+            if rt.world > 1:
+                dist.barrier()
 
     if setup.channels_last:
         model.to(memory_format=torch.contiguous_format)
@@ -348,6 +357,13 @@ def finetune(
         if rt.main:
             log.info(f"parameters and buffers identical on all {rt.world} ranks (fingerprint {prints[0]})")
     return summary
+
+
+def _tapping(taps: tuple[FeatureTaps, FeatureTaps] | None, on: bool) -> None:
+    """Feature taps keep outputs only around a training step's forwards, never in evaluation."""
+    if taps is not None:
+        for tap in taps:
+            tap.on = on
 
 
 def _stop_if_bad(first_bad: torch.Tensor, loss: torch.Tensor, rt: Runtime, epoch: int, last: str) -> None:
