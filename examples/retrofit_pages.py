@@ -38,7 +38,7 @@ def retrofit_section(studies: list[tuple[dict[str, Any], list[Record]]], command
     settings of the first, a subsection per baseline (`commands`: the one that made each file)."""
     header = studies[0][0]
     study = header["study"]
-    shared = ("data", "seeds", "calib_images", "test_limit", "policies", "inits")
+    shared = ("data", "seeds", "calib_images", "test_limit")  # what the section's opening paragraph states
     for other, _ in studies[1:]:
         if differing := [k for k in shared if other["study"][k] != study[k]]:
             raise ValueError(f"retrofit study files differ in {', '.join(differing)}: rerun them with one preset")
@@ -75,7 +75,9 @@ def _baseline(lines: list[str], header: dict[str, Any], records: list[Record], c
         label = base["label"]
         note = notes.get(label, {})
         untied = next(r.acc for r in records if r.baseline == label and r.policy == "untied")
-        lines += ["", f"### {label}", "",
+        features = study.get("finetune_feature_weight", 0.0)
+        title = label + (", fine-tuned with feature matching" if features else "")
+        lines += ["", f"### {title}", "",
                   f"`{base['ref']}`{''.join(f' {k}={v}' for k, v in base['kwargs'].items())}, trained untied by "
                   f"`kshare finetune`: {note.get('epochs', '?')} epoch(s) on {note.get('train_images', 0):,} images "
                   f"({note.get('steps', 0):,} optimiser steps, lr {base['lr']:g}"
@@ -113,6 +115,8 @@ def _baseline(lines: list[str], header: dict[str, Any], records: list[Record], c
             lines += ["", "After a short distillation fine-tune from the untied baseline (AdamW, lr "
                       f"{study['finetune_lr']:g}"
                       + (f" warmed up linearly over the first {warmup:.0%} of the steps" if warmup else "")
+                      + (f"; plus feature matching at weight {features:g}: the output of each block holding a "
+                         "tied conv pulled towards the untied network's, `--feature-weight`" if features else "")
                       + ", one pass over a class-balanced sample), starting from the "
                       "recalibrated model; columns: optimiser steps (share of the baseline's):", "",
                       "| policy | init | " + " | ".join(f"{s} steps ({shares[s]:.0%}) %" for s in steps) + " |",

@@ -153,6 +153,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     resumed = cli("finetune", str(base), *common, "--out", str(killed), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming after epoch {state['epoch']} of 4" in resumed.stderr
+    assert "steps run in fp32 NCHW (kept from the run being resumed)" in resumed.stderr
     straight = tmp_path / "straight.pt"
     full = cli("finetune", str(base), *common, "--out", str(straight))
     assert full.returncode == 0, full.stderr

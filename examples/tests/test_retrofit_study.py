@@ -162,3 +162,11 @@ def test_a_fine_tune_cell_with_fewer_seeds_says_how_many(smoke: Path) -> None:
     dropped = next(r for r in tuned if r.seed == 0)
     page = retrofit_section([(header, [r for r in records if r is not dropped])], "cmd")
     assert page.count(f"(n={len(header['study']['seeds']) - 1})") == 1
+
+
+def test_the_section_names_feature_matching(smoke: Path) -> None:
+    header, records = retrofit_study.read_study(smoke)
+    assert "feature matching" not in retrofit_section([(header, records)], "cmd")
+    matched = {**header, "study": {**header["study"], "finetune_feature_weight": 10.0}}
+    page = retrofit_section([(header, records), (matched, records)], "cmd")  # other fine-tunes: one page
+    assert page.count("feature matching at weight 10") == 1 and ", fine-tuned with feature matching" in page

@@ -219,8 +219,8 @@ def finetune(
         start = restore_training(resume, config, optimizer, scheduler, str(state_path(out)))
         saved = resume.get("setup")
         if saved and config.precision == "auto" and config.channels_last is None:
-            setup = Setup(str(saved.get("precision", "fp32")), bool(saved.get("channels_last")),
-                          "kept from the run being resumed")
+            kept = Setup(str(saved.get("precision", "fp32")), bool(saved.get("channels_last")))
+            setup = dataclasses.replace(kept, reason=f"{kept.label} (kept from the run being resumed)")
         if rt.main:
             log.info(f"resuming after epoch {start} of {config.epochs} from {state_path(out)}")
             changed = config_changes(resume.get("config", {}), config)
