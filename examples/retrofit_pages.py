@@ -150,13 +150,14 @@ def _verdicts(label: str, untied: float, by: dict[tuple[str, str, str, str], lis
             i in best for i in ("mean", "norm_mean")) else None
         fitted = max((best[i], i) for i in best if i in ("oneshot", "sequential")) if any(
             i in best for i in ("oneshot", "sequential")) else None
-        text = f"- `{policy}` with no gradient step:"
+        parts = []
         if data_free:
-            text += (f" the best weight-space init (`{data_free[1]}`) keeps {data_free[0] / untied:.1%} of the "
-                     "untied accuracy")
+            parts.append(f"the best weight-space init (`{data_free[1]}`) keeps {data_free[0] / untied:.1%} of the "
+                         "untied accuracy")
         if fitted:
-            text += f"; the {fitted[1]} data fit keeps {fitted[0] / untied:.1%}"
-        found.append(text + ".")
+            parts.append(f"the {fitted[1]} data fit keeps {fitted[0] / untied:.1%}"
+                         + ("" if data_free else " of the untied accuracy"))
+        found.append(f"- `{policy}` with no gradient step: {'; '.join(parts)}.")
         steps = [int(k[3].split("|")[1]) for k in by if k[:3] == (label, policy, "sequential") and
                  k[3].startswith("finetuned|")]
         within = [s for s in steps if s <= max(1, round(0.05 * note.get("steps", 0)))]  # as the study rounds

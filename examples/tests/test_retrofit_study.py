@@ -170,3 +170,10 @@ def test_the_section_names_feature_matching(smoke: Path) -> None:
     matched = {**header, "study": {**header["study"], "finetune_feature_weight": 10.0}}
     page = retrofit_section([(header, records), (matched, records)], "cmd")  # other fine-tunes: one page
     assert page.count("feature matching at weight 10") == 1 and ", fine-tuned with feature matching" in page
+
+
+def test_a_verdict_without_data_free_rows_reads_whole(smoke: Path) -> None:
+    header, records = retrofit_study.read_study(smoke)
+    fitted_only = [r for r in records if r.init not in ("mean", "norm_mean")]
+    page = retrofit_section([(header, fitted_only)], "cmd")
+    assert "with no gradient step: the sequential data fit keeps" in page and ":;" not in page
