@@ -90,6 +90,7 @@ def test_feature_matching_needs_a_teacher_and_a_tied_student(tmp_path: Path) -> 
                  teacher=small_mixer())
     with pytest.raises(TrainingError, match="feature_weight"):
         TrainConfig(feature_weight=-1.0)
+    tied = kshare.tie(small_mixer(), "all")
     with pytest.raises(TrainingError, match="layout"):
-        with matched_features(kshare.tie(small_mixer(), "all"), nn.Linear(2, 2), 1.0):
+        with matched_features(tied, nn.Linear(2, 2), feature_points(tied)):
             pass

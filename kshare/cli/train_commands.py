@@ -199,12 +199,11 @@ def finetune(
         temperature=temperature, alpha=alpha, seed=seed, amp=amp, image_size=image_size, precision=precision,
         channels_last=channels_last, compile=compile, feature_weight=feature_weight,
     )
-    guided = distill or feature_weight > 0
-    if teacher is not None and not guided:
+    if teacher is not None and not config.uses_teacher:
         raise TrainingError("--teacher given without --distill or --feature-weight")
     out = out or checkpoint.with_name(checkpoint.stem + ".ft.pt")
     net, state = resume_state(out, trust_code=trust_code) if resume else (load(checkpoint, trust_code=trust_code), None)
-    teacher_net = _load_teacher(teacher, teacher_weights, trust_code) if guided and teacher else None
+    teacher_net = _load_teacher(teacher, teacher_weights, trust_code) if config.uses_teacher and teacher else None
     train_data, test_data = _splits(data, data_root, decode_size(net, image_size), limit_train, limit_test)
     assert train_data is not None
     try:
@@ -365,7 +364,7 @@ def retrofit(
     if recalibrate_on(model, batches):
         step("BatchNorm recalibrated", model, time.perf_counter() - start)
     if train_config is not None:
-        teacher = copy.deepcopy(net) if distill or feature_weight > 0 else None
+        teacher = copy.deepcopy(net) if train_config.uses_teacher else None
         with progress_bars() as progress:
             summary = run_finetune(model, train_data, test_data, train_config, out, teacher=teacher,
                                    device=str(rt.device), progress=progress)

@@ -68,6 +68,11 @@ class TrainConfig:
         if self.channels_last is not None and not isinstance(self.channels_last, bool):
             raise TrainingError(f"{param('channels_last')} must be true, false or None (auto)")
 
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether a run with these settings needs a teacher (distillation or feature matching)."""
+        return self.distill or self.feature_weight > 0
+
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))

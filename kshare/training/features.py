@@ -83,15 +83,9 @@ def feature_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tens
 
 
 @contextmanager
-def matched_features(student: nn.Module, teacher: nn.Module | None, weight: float
-                     ) -> Iterator[tuple[FeatureTaps, FeatureTaps] | None]:
-    """Taps on the student and teacher for the run (None when `weight` is 0), removed afterwards."""
-    if weight <= 0:
-        yield None
-        return
-    if teacher is None:
-        raise TrainingError(f"{param('feature_weight')} matches the teacher's block outputs: pass {param('teacher')}")
-    points = feature_points(student)
+def matched_features(student: nn.Module, teacher: nn.Module, points: list[str]
+                     ) -> Iterator[tuple[FeatureTaps, FeatureTaps]]:
+    """Taps on `points` of the student and the teacher for the run, removed afterwards."""
     taps = FeatureTaps(student, points, "student"), FeatureTaps(teacher, points, "teacher")
     try:
         yield taps

@@ -19,6 +19,7 @@ import logging
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from kshare.surgery.tie import verify_tied
 from kshare.training.config import TrainConfig
 from kshare.training.data import ImageData, adapter_for, check_splits, recipe_for
 from kshare.training.evaluate import check_classes, evaluate, logits_of
-from kshare.training.features import FeatureTaps, feature_loss, matched_features
+from kshare.training.features import FeatureTaps, feature_loss, feature_points, matched_features
 from kshare.training.precision import Setup, candidates, choose_setup, time_steps
 from kshare.training.resume import (
     config_changes,
@@ -195,6 +196,7 @@ def finetune(
         raise TrainingError(f"distillation needs a teacher: pass {param('teacher')}")
     if config.feature_weight > 0 and teacher is None:
         raise TrainingError(f"{param('feature_weight')} matches a teacher's block outputs: pass {param('teacher')}")
+    points = feature_points(model) if config.feature_weight > 0 else []  # refuses an untied model before any work
     check_splits(train_data, test_data)
     rt = runtime(device)
     out = Path(out)
@@ -256,7 +258,8 @@ def finetune(
     check_every = CHECK_EVERY.get(rt.device.type, 1)
 
     history: list[dict[str, Any]] = []
-    with matched_features(model, teacher, config.feature_weight) as taps:
+    matching = matched_features(model, teacher, points) if points and teacher is not None else nullcontext()
+    with matching as taps:
         for epoch in range(start, config.epochs):
             net.train()
             task = f"epoch {epoch + 1}/{config.epochs}"
@@ -276,8 +279,7 @@ def finetune(
                 with setup.autocast(rt.device):
                     logits = logits_of(net(x))
                     with torch.no_grad():
-                        t_logits = logits_of(teacher(x)) if teacher is not None and (config.distill or taps) \
-                            else None
+                        t_logits = logits_of(teacher(x)) if teacher is not None and config.uses_teacher else None
                     loss, _, _ = distill_loss(logits.float(), t_logits if config.distill else None, y, config)
                     if taps is not None:
                         loss = loss + config.feature_weight * feature_loss(taps[0].take(), taps[1].take())
