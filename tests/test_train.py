@@ -296,6 +296,10 @@ def test_cli_bad_input(digits_ckpt: Path, tmp_path: Path) -> None:
     assert "without --distill" in _bad("finetune", str(digits_ckpt), "--data", "digits", "--teacher", str(seven))
     assert "needs a teacher" in _bad("finetune", str(digits_ckpt), "--data", "digits", "--distill")
     assert "--teacher" in _bad("finetune", str(digits_ckpt), "--data", "digits", "--feature-weight", "1")
+    untied = tmp_path / "untied.pt"
+    kshare.save(small_mixer(), untied)
+    assert "--feature-weight" in _bad("finetune", str(untied), "--data", "digits", "--feature-weight", "1",
+                                      "--teacher", str(untied))  # the blocks to match are the tied convs'
     assert "--teacher-weights" in _bad("finetune", str(digits_ckpt), "--data", "digits", "--distill",
                                        "--teacher", "resnet18")  # a random teacher would teach noise
     assert "no resumable state" in _bad("finetune", str(digits_ckpt), "--data", "digits", "--resume",

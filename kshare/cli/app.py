@@ -62,9 +62,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # Python parameters with a flag of the same name here (`image_size` → `--image-size`), and those whose flag differs.
 FLAGGED = frozenset("""alpha batch_size budgets calib_images channels_last clip_grad compile data data_root device
-    distill epochs exclude fit fit_mode groups image_size images include init input_size label_smoothing limit_test
-    limit_train lr match min_size model momentum opset optimizer out plan precision relax resume seed seeds share_bias
-    teacher teacher_weights temperature trust_code weight_decay weights""".split())
+    distill epochs exclude feature_weight fit fit_mode groups image_size images include init input_size label_smoothing
+    limit_test limit_train lr match min_size model momentum opset optimizer out plan precision relax resume seed seeds
+    share_bias teacher teacher_weights temperature trust_code weight_decay weights""".split())
 RENAMED = {"warmup_epochs": "--warmup", "policy": "--groups"}
 MODEL_ARGUMENTS = ("num_classes", "in_chans")  # passed as `-k KEY=VALUE`
 
