@@ -33,6 +33,7 @@ from kshare.cli.app import (
     InputSizeOpt,
     KwargOpt,
     ModelArg,
+    ReconstructOpt,
     TrustOpt,
     WeightsOpt,
     app,
@@ -179,13 +180,15 @@ def apply(
     image_size: ImageSizeOpt = None,
     calib_images: CalibImagesOpt = 512,
     fit_mode: FitModeOpt = "sequential",
+    reconstruct: ReconstructOpt = 0,
     device: DeviceOpt = None,
 ) -> None:
     """Tie the sharing groups of a model and save it: each shared kernel is stored once.
 
     `--groups none` saves the model untied: a baseline checkpoint for `finetune`, `eval`,
     `--teacher` and `sweep`. `--fit data --data NAME` fits each shared kernel to what its
-    members output on NAME's images (no labels needed) and re-estimates BatchNorm there.
+    members output on NAME's images (no labels needed) and re-estimates BatchNorm there;
+    `--reconstruct STEPS` then trains each unit of blocks towards the untied outputs.
     """
     if init is not None:
         choice(init, INITS, "--init")
@@ -199,13 +202,16 @@ def apply(
             raise PlanError("--fit data with --groups none: no group is tied, so there is nothing to fit")
     elif data is not None:
         raise DataError("--data is for --fit data (or use finetune, eval and calibrate for training data)")
+    elif reconstruct:
+        raise PlanError("--reconstruct trains the blocks of a data fit towards the untied outputs: "
+                        "add --fit data --data NAME")
     torch.manual_seed(seed)
     if request.groups == "none" and plan is None:
         net, spec = request.build()
         path = save(net, out, spec=spec)
         render_applied(None, path, Console())
         return
-    config = FitConfig(mode=fit_mode, images=calib_images)
+    config = FitConfig(mode=fit_mode, images=calib_images, reconstruct=reconstruct)
     dev = resolve_device(device)
     loaded: list[ImageData] = []
 

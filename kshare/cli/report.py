@@ -13,6 +13,7 @@ from rich.table import Table
 from kshare.analysis.signature import Signature
 from kshare.api import Analysis
 from kshare.planning.plan import SharingPlan
+from kshare.training.reconstruct import UnitReconstruction
 from kshare.training.retrofit import FitReport
 
 
@@ -168,6 +169,21 @@ def render_fit(report: FitReport, console: Console) -> None:
     recal = f"; BatchNorm re-estimated in {report.recalibrated} layers" if report.recalibrated else ""
     console.print(f"fitted {len(fitted)} of {len(report.groups)} groups to {report.images:,} images ({report.mode}) in "
                   f"{report.seconds:.1f} s: mean output error {mean:.3f} with the mean kernel → {after:.3f}{recal}")
+    if report.reconstructed:
+        render_reconstruction(report.reconstructed, console)
+
+
+def render_reconstruction(units: Sequence[UnitReconstruction], console: Console) -> None:
+    """One line on block reconstruction: units, steps, time, and the block output error it left."""
+    before = sum(u.start_error for u in units) / len(units)
+    after = sum(u.error for u in units) / len(units)
+    undone = [u for u in units if not u.kept]
+    network = (units[0].network_start_error,
+               units[-1].network_error if units[-1].kept else units[-1].network_start_error)
+    console.print(f"reconstructed {len(units)} unit(s) of blocks, {max(u.steps for u in units)} steps each, in "
+                  f"{sum(u.seconds for u in units):.1f} s: block output error {before:.3f} → {after:.3f}, "
+                  f"network output error {network[0]:.3f} → {network[1]:.3f}"
+                  + (f"; {len(undone)} unit(s) undone (their steps made the network's output worse)" if undone else ""))
 
 
 def render_info(summary: dict[str, Any], console: Console) -> None:

@@ -28,6 +28,7 @@ from kshare.cli.app import (
     KwargOpt,
     LimitOpt,
     PrecisionOpt,
+    ReconstructOpt,
     TrustOpt,
     WarmupOpt,
     WeightsOpt,
@@ -50,6 +51,7 @@ from kshare.training.config import TrainConfig
 from kshare.training.data import ImageData, adapter_for, decode_size, load_data
 from kshare.training.evaluate import check_classes, choose_eval_setup, evaluate
 from kshare.training.loop import finetune as run_finetune
+from kshare.training.reconstruct import reconstruct as reconstruct_blocks
 from kshare.training.resume import resume_state
 from kshare.training.retrofit import FitConfig, fit_and_tie
 from kshare.training.runtime import runtime, shutdown
@@ -312,6 +314,7 @@ def retrofit(
     image_size: ImageSizeOpt = None,
     calib_images: CalibImagesOpt = 512,
     fit_mode: FitModeOpt = "sequential",
+    reconstruct: ReconstructOpt = 0,
     epochs: Annotated[int, typer.Option(help="Fine-tune epochs after the fit (0: none).")] = 0,
     distill: Annotated[bool, typer.Option(help="Distil the fine-tune from the untied model.")] = True,
     lr: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = 1e-3,
@@ -325,7 +328,8 @@ def retrofit(
     as_json: Annotated[bool, typer.Option("--json", help="Print each step's figures as JSON.")] = False,
 ) -> None:
     """Tie a trained model and keep what it knows: plan, fit the shared kernels to the data's
-    outputs, re-estimate BatchNorm, optionally fine-tune; test accuracy after every step."""
+    outputs, re-estimate BatchNorm, optionally reconstruct blocks and fine-tune; test accuracy
+    after every step."""
     if epochs < 0:
         raise TrainingError(f"--epochs must be 0 or more, got {epochs}")
     if feature_weight and not epochs:
@@ -334,6 +338,7 @@ def retrofit(
     train_config = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, distill=distill, seed=seed,
                                image_size=image_size, warmup_epochs=warmup, feature_weight=feature_weight
                                ) if epochs else None
+    config = FitConfig(mode=fit_mode, images=calib_images, recalibrate=False, seed=seed, reconstruct=reconstruct)
     net, analysis = request.analyze()
     train_data, test_data = _splits(data, data_root, decode_size(net, image_size), limit_train, limit_test)
     assert train_data is not None
@@ -353,16 +358,21 @@ def retrofit(
     step("untied", net)
     step("tied (mean init)", tie(copy.deepcopy(net), analysis.plan, init="mean"))
     model = copy.deepcopy(net)
-    config = FitConfig(mode=fit_mode, images=calib_images, recalibrate=False, seed=seed)
-    with progress_bars() as progress:
-        report = fit_and_tie(model, analysis.plan, train_data, config, image_size=image_size, device=rt.device,
-                             progress=progress)
+    with progress_bars() as progress:  # reconstruction comes after the recalibration below
+        report = fit_and_tie(model, analysis.plan, train_data, dataclasses.replace(config, reconstruct=0),
+                             image_size=image_size, device=rt.device, progress=progress)
     step(f"fitted ({fit_mode})", model, report.seconds)
     start = time.perf_counter()
     batches = calibration_batches(train_data, min(calib_images, len(train_data.labels)), 128,
                                   adapter_for(model, train_data, image_size), rt.device, seed)
     if recalibrate_on(model, batches):
         step("BatchNorm recalibrated", model, time.perf_counter() - start)
+    if reconstruct:
+        with progress_bars() as progress:
+            units = reconstruct_blocks(model, net, batches, steps=reconstruct, lr=config.reconstruct_lr, seed=seed,
+                                       progress=progress)
+        report = dataclasses.replace(report, reconstructed=units)
+        step("blocks reconstructed", model, sum(u.seconds for u in units))
     if train_config is not None:
         teacher = copy.deepcopy(net) if train_config.uses_teacher else None
         with progress_bars() as progress:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ from kshare.surgery.relax import set_member_delta
 from kshare.surgery.tie import apply_plan, plan_of
 from kshare.training.calibrate import batch_norms, recalibrate_on
 from kshare.training.data import ImageData, adapter_for
+from kshare.training.reconstruct import UnitReconstruction, reconstruct
 from kshare.training.statistics import Moments, calibration_batches, collect, supports
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,9 @@ class FitConfig:
     class-balanced sample; labels unused), at most `positions` output positions per image and
     layer, the dampening `damp` (fraction of the mean diagonal), the members' `weighting`, and
     whether BatchNorm statistics are re-estimated on the calibration images at the end
-    (`recalibrate`; the sequential mode always re-estimates them between groups of its copy)."""
+    (`recalibrate`; the sequential mode always re-estimates them between groups of its copy).
+    `reconstruct` > 0 then trains each unit of blocks for that many steps towards the untied
+    outputs on the same images (`kshare.training.reconstruct`), at `reconstruct_lr`."""
 
     mode: str = "sequential"
     images: int = 512
@@ -83,6 +87,8 @@ class FitConfig:
     compensate: bool = True
     recalibrate: bool = True
     seed: int = 0
+    reconstruct: int = 0
+    reconstruct_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.mode not in FIT_MODES:
@@ -96,6 +102,12 @@ class FitConfig:
                                     f"of at least {low}, got {value!r}")
         if not 0.0 <= self.damp <= 10.0:
             raise TrainingError(f"{param('damp')} must be in [0, 10], got {self.damp!r}")
+        if isinstance(self.reconstruct, bool) or not isinstance(self.reconstruct, int) or self.reconstruct < 0:
+            raise TrainingError(f"{param('reconstruct')} must be a whole number of steps, 0 or more, "
+                                f"got {self.reconstruct!r}")
+        if not (isinstance(self.reconstruct_lr, (int, float)) and math.isfinite(self.reconstruct_lr)
+                and self.reconstruct_lr > 0):
+            raise TrainingError(f"{param('reconstruct_lr')} must be a positive number, got {self.reconstruct_lr!r}")
 
 
 @dataclass(frozen=True)
@@ -119,6 +131,7 @@ class FitReport:
     groups: tuple[GroupFit, ...]
     recalibrated: int  # BatchNorm layers re-estimated (0: none, or recalibration off)
     compensated: int = 0  # unshared layers refitted to their original outputs (sequential, `compensate`)
+    reconstructed: tuple[UnitReconstruction, ...] = ()  # units trained after the fit (`reconstruct`)
 
 
 def following_batchnorms(model: nn.Module, members: Sequence[str], x: torch.Tensor) -> set[str]:
@@ -312,6 +325,7 @@ def fit_and_tie(model: nn.Module, plan: SharingPlan, data: ImageData, config: Fi
                                        output_error=fits[g.name].report.output_error) if g.name in fits
                    else dataclasses.replace(g, init="mean") for g in plan.groups)
     fitted_plan = dataclasses.replace(plan, groups=groups)
+    original = copy.deepcopy(model) if config.reconstruct else None  # the targets of the reconstruction
     apply_plan(model, fitted_plan, kernels=kernels)
     for group in readable:
         for i, name in enumerate(group.members):
@@ -320,6 +334,8 @@ def fit_and_tie(model: nn.Module, plan: SharingPlan, data: ImageData, config: Fi
         for name, (weight, bias) in refits.items():
             _assign(modules[name], weight, bias)
     layers = recalibrate_on(model, batches) if config.recalibrate else 0
+    units = reconstruct(model, original, batches, steps=config.reconstruct, lr=config.reconstruct_lr,
+                        seed=config.seed, progress=progress) if original is not None else ()
     reports = tuple(fits[g.name].report if g.name in fits else
                     GroupFit(g.name, len(g.members), float("nan"), float("nan"), float("nan"), fitted=False)
                     for g in plan.groups)
@@ -328,7 +344,7 @@ def fit_and_tie(model: nn.Module, plan: SharingPlan, data: ImageData, config: Fi
         log.warning(f"groups {', '.join(skipped)} hold convolutions a data fit cannot read (transposed or 3-D): "
                     "tied with their members' mean kernel")
     return FitReport(config.mode, sum(len(b) for b in batches), time.perf_counter() - start, reports, layers,
-                     len(refits))
+                     len(refits), units)
 
 
 def _units(model: nn.Module, groups: list[Group], x: torch.Tensor, compensate: bool) -> list[Group | list[str]]:
