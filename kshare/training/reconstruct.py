@@ -139,9 +139,8 @@ def _tensor(out: object) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _network_error(model: nn.Module, batches: Sequence[torch.Tensor], targets: list[torch.Tensor]) -> float:
-    pairs = zip(batches, targets, strict=True)
-    errors = [float(feature_loss({"out": _tensor(model(x))}, {"out": t})) for x, t in pairs]
+def _network_error(model: nn.Module, batches: Sequence[torch.Tensor], final: _Targets) -> float:
+    errors = [float(feature_loss({OUTPUT: _tensor(model(x))}, final(i))) for i, x in enumerate(batches)]
     return sum(errors) / len(errors)
 
 
@@ -153,13 +152,15 @@ def _error(model: nn.Module, batches: Sequence[torch.Tensor], blocks: Sequence[s
 
 
 class _Targets:
-    """The untied network's outputs at a unit's blocks for each batch: kept when they fit in
-    `_TARGET_BYTES`, recomputed per step when they do not (large images, wide early blocks)."""
+    """The untied network's outputs at a unit's blocks (`whole`: its own output) for each batch:
+    kept when they fit in `_TARGET_BYTES`, recomputed when they do not (large images, wide early
+    blocks, dense outputs)."""
 
-    def __init__(self, original: nn.Module, batches: Sequence[torch.Tensor], blocks: Sequence[str]) -> None:
-        self.original, self.batches, self.blocks = original, batches, blocks
+    def __init__(self, original: nn.Module, batches: Sequence[torch.Tensor], blocks: Sequence[str],
+                 whole: bool = False) -> None:
+        self.original, self.batches, self.blocks, self.whole = original, batches, blocks, whole
         with torch.no_grad():
-            first = _outputs(original, batches[0], blocks)
+            first = _outputs(original, batches[0], blocks, whole=whole)
         per_image = sum(t.numel() * t.element_size() for t in first.values()) / len(batches[0])
         self.kept: dict[int, dict[str, torch.Tensor]] | None = (
             {0: first} if per_image * sum(len(b) for b in batches) <= _TARGET_BYTES else None)
@@ -168,7 +169,7 @@ class _Targets:
     def __call__(self, index: int) -> dict[str, torch.Tensor]:
         if self.kept is not None and index in self.kept:
             return self.kept[index]
-        found = _outputs(self.original, self.batches[index], self.blocks)
+        found = _outputs(self.original, self.batches[index], self.blocks, whole=self.whole)
         if self.kept is not None:
             self.kept[index] = found
         return found
@@ -203,8 +204,7 @@ def reconstruct(model: nn.Module, original: nn.Module, images: Sequence[torch.Te
     units = reconstruction_units(model)
     done: list[UnitReconstruction] = []
     try:
-        with torch.no_grad():
-            final = [_tensor(original(x)) for x in batches]
+        final = _Targets(original, batches, (), whole=True)
         network = _network_error(model, batches, final)
         for index, blocks in enumerate(units):
             start = time.perf_counter()
@@ -227,7 +227,7 @@ def reconstruct(model: nn.Module, original: nn.Module, images: Sequence[torch.Te
                 i = int(torch.randint(len(batches), (1,), generator=order))
                 if output_weight:
                     found = _outputs(model, batches[i], blocks, whole=True)
-                    last = feature_loss({OUTPUT: found.pop(OUTPUT)}, {OUTPUT: final[i]})
+                    last = feature_loss({OUTPUT: found.pop(OUTPUT)}, final(i))
                     loss = feature_loss(found, targets(i)) + output_weight * last
                 else:
                     loss = feature_loss(_outputs(model, batches[i], blocks), targets(i))
