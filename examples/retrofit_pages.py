@@ -10,7 +10,8 @@ from typing import Any
 from retrofit_study import Record
 
 INIT_NAMES = {"mean": "`mean` (weights)", "norm_mean": "`norm_mean` (weights)", "oneshot": "data, one-shot",
-              "sequential": "data, sequential"}
+              "sequential": "data, sequential", "reconstructed": "data, sequential + block reconstruction"}
+DATA_INITS = ("oneshot", "sequential", "reconstructed")
 
 
 def _spread(values: list[float]) -> str:
@@ -76,7 +77,9 @@ def _baseline(lines: list[str], header: dict[str, Any], records: list[Record], c
         note = notes.get(label, {})
         untied = next(r.acc for r in records if r.baseline == label and r.policy == "untied")
         features = study.get("finetune_feature_weight", 0.0)
-        title = label + (", fine-tuned with feature matching" if features else "")
+        rebuilt = study.get("reconstruct", 0)
+        title = (label + (", with block reconstruction" if rebuilt else "")
+                 + (", fine-tuned with feature matching" if features else ""))
         lines += ["", f"### {title}", "",
                   f"`{base['ref']}`{''.join(f' {k}={v}' for k, v in base['kwargs'].items())}, trained untied by "
                   f"`kshare finetune`: {note.get('epochs', '?')} epoch(s) on {note.get('train_images', 0):,} images "
@@ -103,6 +106,13 @@ def _baseline(lines: list[str], header: dict[str, Any], records: list[Record], c
                              f"| {_spread([r.acc for r in recal])} | {share:.1%} | "
                              + (f"{statistics.fmean(errors):.3f}" if errors else "–")
                              + f" | {seconds:.1f} |")
+        if rebuilt and any(r.baseline == label and r.init == "reconstructed" for r in records):
+            lines += ["", f"Block reconstruction (`--reconstruct {rebuilt}`): after the sequential fit and the "
+                      f"BatchNorm re-estimate, each unit of blocks that a sharing group spans (here a stage) is "
+                      f"trained for {rebuilt} Adam steps (lr 1e-3, cosine, 64 images a step) towards the untied "
+                      "network's block outputs on the same calibration images, in network order; no labels. Its "
+                      "two accuracy columns are the same model (BatchNorm was re-estimated before the steps); its "
+                      "fit time includes the steps."]
         same = note.get("same_plan", {})
         if same:
             lines += ["", "Not fitted again, because on this network they tie exactly what another policy ties "
@@ -148,23 +158,26 @@ def _verdicts(label: str, untied: float, by: dict[tuple[str, str, str, str], lis
             continue
         data_free = max((best[i], i) for i in best if i in ("mean", "norm_mean")) if any(
             i in best for i in ("mean", "norm_mean")) else None
-        fitted = max((best[i], i) for i in best if i in ("oneshot", "sequential")) if any(
-            i in best for i in ("oneshot", "sequential")) else None
+        fitted = max((best[i], i) for i in best if i in DATA_INITS) if any(i in best for i in DATA_INITS) else None
         parts = []
         if data_free:
             parts.append(f"the best weight-space init (`{data_free[1]}`) keeps {data_free[0] / untied:.1%} of the "
                          "untied accuracy")
         if fitted:
-            parts.append(f"the {fitted[1]} data fit keeps {fitted[0] / untied:.1%}"
+            parts.append(f"the {INIT_NAMES[fitted[1]].removeprefix('data, ')} data fit keeps {fitted[0] / untied:.1%}"
                          + ("" if data_free else " of the untied accuracy"))
-        found.append(f"- `{policy}` with no gradient step: {'; '.join(parts)}.")
-        steps = [int(k[3].split("|")[1]) for k in by if k[:3] == (label, policy, "sequential") and
-                 k[3].startswith("finetuned|")]
-        within = [s for s in steps if s <= max(1, round(0.05 * note.get("steps", 0)))]  # as the study rounds
-        if within:
-            s = max(within)
-            acc = statistics.fmean(r.acc for r in by[(label, policy, "sequential", f"finetuned|{s}")])
-            share = s / max(note.get("steps", 1), 1)
-            found.append(f"- `{policy}`, data fit, after {s} fine-tune steps ({share:.0%} of the baseline's): "
-                         f"{100 * acc:.2f}%, {100 * (acc - untied):+.2f} points from untied.")
+        when = ("before any fine-tune (block reconstruction takes gradient steps, on unlabelled images)"
+                if fitted and fitted[1] == "reconstructed" else "with no gradient step")
+        found.append(f"- `{policy}` {when}: {'; '.join(parts)}.")
+        for init in ("sequential", "reconstructed"):
+            steps = [int(k[3].split("|")[1]) for k in by if k[:3] == (label, policy, init) and
+                     k[3].startswith("finetuned|")]
+            within = [s for s in steps if s <= max(1, round(0.05 * note.get("steps", 0)))]  # as the study rounds
+            if within:
+                s = max(within)
+                acc = statistics.fmean(r.acc for r in by[(label, policy, init, f"finetuned|{s}")])
+                share = s / max(note.get("steps", 1), 1)
+                what = "data fit" if init == "sequential" else "data fit and block reconstruction"
+                found.append(f"- `{policy}`, {what}, after {s} fine-tune steps ({share:.0%} of the baseline's): "
+                             f"{100 * acc:.2f}%, {100 * (acc - untied):+.2f} points from untied.")
     return found

@@ -21,7 +21,7 @@ from kshare.models.zoo import load_model
 from kshare.surgery.tie import verify_tied
 from kshare.training.data import adapter_for
 from kshare.training.features import FeatureTaps, feature_loss, feature_points
-from kshare.training.reconstruct import reconstruct, reconstruction_units
+from kshare.training.reconstruct import held_out_images, reconstruct, reconstruction_units
 from kshare.training.retrofit import FitConfig, fit_and_tie
 from kshare.training.statistics import calibration_batches
 
@@ -209,3 +209,19 @@ def test_steps_that_worsen_the_networks_output_are_undone(digits, tmp_path: Path
     assert unit.kept and unit.network_error < 0.8 * unit.network_start_error
     accuracy = {name: kshare.evaluate(m, test)["acc"] for name, m in (("fit", fitted), ("rebuilt", with_output))}
     assert accuracy["rebuilt"] > accuracy["fit"], accuracy
+
+
+def test_units_are_judged_on_images_the_fit_never_saw(digits) -> None:
+    train, _ = digits
+    taken = train.subset(300, seed=4)
+    rest = train.beyond(300, 200, seed=4)
+    assert rest is not None and len(rest.labels) == 200
+    assert torch.bincount(rest.labels).tolist() == [20] * 10  # still class-balanced
+    seen = {bytes(x.numpy()) for x in taken.images}
+    assert not any(bytes(x.numpy()) in seen for x in rest.images)  # disjoint from the calibration sample
+    assert train.beyond(len(train.labels), 10) is None
+    whole = train.subset(500, seed=4)  # a larger sample of the same seed holds the smaller one and the next
+    assert {bytes(x.numpy()) for x in whole.images} >= seen
+    batches = held_out_images(train, 300, adapter_for(make_residual_bn_used(in_chans=1, width=16, depth=3), train),
+                              torch.device("cpu"), seed=4)
+    assert batches is not None and sum(len(b) for b in batches) == 256

@@ -78,16 +78,29 @@ class ImageData:
             raise DataError(f"a sample needs at least one image, got {param('limit', limit)}")
         if limit >= n:
             return self
+        chosen = self._balanced_order(seed)[:limit].sort().values
+        log.info(f"using a class-balanced sample of {limit:,} of {n:,} {self.name} {self.split} images "
+                 f"(seed {seed})")
+        return dataclasses.replace(self, images=self.images[chosen], labels=self.labels[chosen])
+
+    def beyond(self, taken: int, limit: int, seed: int = 0) -> ImageData | None:
+        """Up to `limit` images that `subset(taken, seed)` left out (the next ones of its seeded
+        order, so still class-balanced), or None when it took them all: images a fit never saw."""
+        if taken >= len(self.labels):
+            return None
+        chosen = self._balanced_order(seed)[taken:taken + limit].sort().values
+        return dataclasses.replace(self, images=self.images[chosen], labels=self.labels[chosen])
+
+    def _balanced_order(self, seed: int) -> torch.Tensor:
+        """Every index, in a seeded order that takes the classes in turn: any prefix is a balanced sample."""
+        n = len(self.labels)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         labels = self.labels[order]
         rank = torch.empty(n, dtype=torch.long)  # each image's place within its class, in shuffled order
         for c in labels.unique():
             mask = labels == c
             rank[mask] = torch.arange(int(mask.sum()))
-        chosen = order[torch.argsort(rank * (int(labels.max()) + 1) + labels, stable=True)[:limit]].sort().values
-        log.info(f"using a class-balanced sample of {limit:,} of {n:,} {self.name} {self.split} images "
-                 f"(seed {seed})")
-        return dataclasses.replace(self, images=self.images[chosen], labels=self.labels[chosen])
+        return order[torch.argsort(rank * (int(labels.max()) + 1) + labels, stable=True)]
 
 
 def _read_idx(path: Path) -> torch.Tensor:

@@ -59,7 +59,7 @@ from kshare.surgery.relax import set_member_delta
 from kshare.surgery.tie import apply_plan, plan_of
 from kshare.training.calibrate import batch_norms, recalibrate_on
 from kshare.training.data import ImageData, adapter_for
-from kshare.training.reconstruct import UnitReconstruction, reconstruct
+from kshare.training.reconstruct import UnitReconstruction, held_out_images, reconstruct
 from kshare.training.statistics import Moments, calibration_batches, collect, supports
 
 log = logging.getLogger(__name__)
@@ -334,8 +334,11 @@ def fit_and_tie(model: nn.Module, plan: SharingPlan, data: ImageData, config: Fi
         for name, (weight, bias) in refits.items():
             _assign(modules[name], weight, bias)
     layers = recalibrate_on(model, batches) if config.recalibrate else 0
-    units = reconstruct(model, original, batches, steps=config.reconstruct, lr=config.reconstruct_lr,
-                        seed=config.seed, progress=progress) if original is not None else ()
+    units: tuple[UnitReconstruction, ...] = ()
+    if original is not None:
+        held_out = held_out_images(data, config.images, adapter, dev, config.seed, config.batch_size)
+        units = reconstruct(model, original, batches, steps=config.reconstruct, lr=config.reconstruct_lr,
+                            held_out=held_out, seed=config.seed, progress=progress)
     reports = tuple(fits[g.name].report if g.name in fits else
                     GroupFit(g.name, len(g.members), float("nan"), float("nan"), float("nan"), fitted=False)
                     for g in plan.groups)
