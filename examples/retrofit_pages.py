@@ -110,9 +110,10 @@ def _baseline(lines: list[str], header: dict[str, Any], records: list[Record], c
             lines += ["", f"Block reconstruction (`--reconstruct {rebuilt}`): after the sequential fit and the "
                       f"BatchNorm re-estimate, each unit of blocks that a sharing group spans (here a stage) is "
                       f"trained for {rebuilt} Adam steps (lr 1e-3, cosine, 64 images a step) towards the untied "
-                      "network's block outputs on the same calibration images, in network order; no labels. Its "
-                      "two accuracy columns are the same model (BatchNorm was re-estimated before the steps); its "
-                      "fit time includes the steps."]
+                      "network's block outputs and its final output on the same calibration images, in network "
+                      "order; no labels. A unit whose steps worsen the network's output on 256 held-out images is "
+                      "undone. Its two accuracy columns are the same model (BatchNorm was re-estimated before the "
+                      "steps); its fit time includes the steps."]
         same = note.get("same_plan", {})
         if same:
             lines += ["", "Not fitted again, because on this network they tie exactly what another policy ties "
