@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+import kshare
+
 
 class DataDependentNet(nn.Module):
     """A user model FX cannot trace: the branch taken depends on the input's values."""
@@ -116,3 +118,19 @@ def data_dependent_net() -> nn.Module:
 def plain_net() -> nn.Module:
     torch.manual_seed(0)
     return PlainNet()
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[kshare.ImageData, kshare.ImageData]:
+    return kshare.load_data("digits", "train"), kshare.load_data("digits", "test")
+
+
+@pytest.fixture(scope="module")
+def trained(digits: tuple[kshare.ImageData, kshare.ImageData], tmp_path_factory: pytest.TempPathFactory
+            ) -> nn.Module:
+    """Residual blocks of isomorphic 3x3 convs with BatchNorm, trained for a few epochs on digits."""
+    torch.manual_seed(0)
+    model = make_residual_bn_used(in_chans=1, width=16, depth=3)
+    kshare.finetune(model, *digits, kshare.TrainConfig(epochs=3, lr=3e-3, batch_size=64),
+                    tmp_path_factory.mktemp("trained") / "m.pt", device="cpu")
+    return model.eval()

@@ -26,21 +26,6 @@ from kshare.training.retrofit import FitConfig, fit_and_tie
 from kshare.training.statistics import calibration_batches
 
 
-@pytest.fixture(scope="module")
-def digits() -> tuple[kshare.ImageData, kshare.ImageData]:
-    return kshare.load_data("digits", "train"), kshare.load_data("digits", "test")
-
-
-@pytest.fixture(scope="module")
-def trained(digits: tuple[kshare.ImageData, kshare.ImageData], tmp_path_factory: pytest.TempPathFactory
-            ) -> nn.Module:
-    torch.manual_seed(0)
-    model = make_residual_bn_used(in_chans=1, width=16, depth=3)
-    kshare.finetune(model, *digits, kshare.TrainConfig(epochs=3, lr=3e-3, batch_size=64),
-                    tmp_path_factory.mktemp("trained") / "m.pt", device="cpu")
-    return model.eval()
-
-
 class Blocks(nn.Module):
     """Blocks whose sharing groups interleave: 3x3 in blocks 0 and 2, 1x1 in 1 and 3, 5x5 in 4 and 5."""
 

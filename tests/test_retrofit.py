@@ -27,22 +27,6 @@ def cli(*args: object) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-@pytest.fixture(scope="module")
-def digits() -> tuple[kshare.ImageData, kshare.ImageData]:
-    return kshare.load_data("digits", "train"), kshare.load_data("digits", "test")
-
-
-@pytest.fixture(scope="module")
-def trained(digits: tuple[kshare.ImageData, kshare.ImageData], tmp_path_factory: pytest.TempPathFactory
-            ) -> nn.Module:
-    """Residual blocks of isomorphic 3x3 convs with BatchNorm, trained for a few epochs on digits."""
-    torch.manual_seed(0)
-    model = make_residual_bn_used(in_chans=1, width=16, depth=3)
-    kshare.finetune(model, *digits, kshare.TrainConfig(epochs=3, lr=3e-3, batch_size=64),
-                    tmp_path_factory.mktemp("trained") / "m.pt", device="cpu")
-    return model.eval()
-
-
 def test_patches_match_unfold_for_every_conv_setting() -> None:
     """The sampled windows are exactly F.unfold's columns, for padding modes, strides, dilation,
     groups and 1-D convs; a gram from `collect` is their product."""
