@@ -176,6 +176,10 @@ def test_the_section_names_feature_matching(smoke: Path) -> None:
 
 def test_a_verdict_without_data_free_rows_reads_whole(smoke: Path) -> None:
     header, records = retrofit_study.read_study(smoke)
-    fitted_only = [r for r in records if r.init not in ("mean", "norm_mean")]
+    fitted_only = [r for r in records if r.init in ("oneshot", "sequential") or r.policy == "untied"]
     page = retrofit_section([(header, fitted_only)], "cmd")
     assert "with no gradient step: the sequential data fit keeps" in page and ":;" not in page
+    rebuilt = [r for r in records if r.init == "reconstructed" or r.policy == "untied"]
+    page = retrofit_section([(header, rebuilt)], "cmd")  # reconstruction takes (unlabelled) gradient steps
+    assert "before any fine-tune (block reconstruction takes gradient steps, on unlabelled images): the " \
+           "sequential + block reconstruction data fit keeps" in page and "with no gradient step" not in page
