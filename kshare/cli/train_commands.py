@@ -51,10 +51,8 @@ from kshare.training.config import TrainConfig
 from kshare.training.data import ImageData, adapter_for, decode_size, load_data
 from kshare.training.evaluate import check_classes, choose_eval_setup, evaluate
 from kshare.training.loop import finetune as run_finetune
-from kshare.training.reconstruct import held_out_images
-from kshare.training.reconstruct import reconstruct as reconstruct_blocks
 from kshare.training.resume import resume_state
-from kshare.training.retrofit import FitConfig, fit_and_tie
+from kshare.training.retrofit import FitConfig, fit_and_tie, reconstruct_fitted
 from kshare.training.runtime import runtime, shutdown
 from kshare.training.statistics import calibration_batches
 
@@ -370,10 +368,8 @@ def retrofit(
         step("BatchNorm recalibrated", model, time.perf_counter() - start)
     if reconstruct:
         with progress_bars() as progress:
-            held_out = held_out_images(train_data, calib_images, adapter_for(model, train_data, image_size),
-                                       rt.device, seed)
-            units = reconstruct_blocks(model, net, batches, steps=reconstruct, lr=config.reconstruct_lr,
-                                       held_out=held_out, seed=seed, progress=progress)
+            units = reconstruct_fitted(model, net, train_data, batches, config,
+                                       adapter_for(model, train_data, image_size), rt.device, progress)
         report = dataclasses.replace(report, reconstructed=units)
         step("blocks reconstructed", model, sum(u.seconds for u in units))
     if train_config is not None:

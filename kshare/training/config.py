@@ -53,15 +53,15 @@ class TrainConfig:
         _whole("seed", self.seed, 0, 2**63 - 1)
         if self.image_size is not None:
             _whole("image_size", self.image_size, 1, MAX_IMAGE_SIZE)
-        _number("lr", self.lr, 0.0, 1e3, low_open=True)
-        _number("weight_decay", self.weight_decay, 0.0, 1e3)
-        _number("momentum", self.momentum, 0.0, 1.0, high_open=True)
-        _number("warmup_epochs", self.warmup_epochs, 0.0, 1e6)
-        _number("clip_grad", self.clip_grad, 0.0, math.inf)
-        _number("label_smoothing", self.label_smoothing, 0.0, 1.0)
-        _number("temperature", self.temperature, 0.0, 1e3, low_open=True)
-        _number("alpha", self.alpha, 0.0, 1.0)
-        _number("feature_weight", self.feature_weight, 0.0, 1e3)
+        finite_number("lr", self.lr, 0.0, 1e3, low_open=True)
+        finite_number("weight_decay", self.weight_decay, 0.0, 1e3)
+        finite_number("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        finite_number("warmup_epochs", self.warmup_epochs, 0.0, 1e6)
+        finite_number("clip_grad", self.clip_grad, 0.0, math.inf)
+        finite_number("label_smoothing", self.label_smoothing, 0.0, 1.0)
+        finite_number("temperature", self.temperature, 0.0, 1e3, low_open=True)
+        finite_number("alpha", self.alpha, 0.0, 1.0)
+        finite_number("feature_weight", self.feature_weight, 0.0, 1e3)
         for name in ("distill", "amp", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise TrainingError(f"{param(name)} must be true or false, got {getattr(self, name)!r}")
@@ -83,7 +83,7 @@ def _whole(name: str, value: object, low: int, high: int) -> None:
         raise TrainingError(f"{param(name)} must be a whole number from {low:,} to {high:,}, got {value!r}")
 
 
-def _number(name: str, value: object, low: float, high: float, low_open: bool = False,
+def finite_number(name: str, value: object, low: float, high: float, low_open: bool = False,
             high_open: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
         and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)

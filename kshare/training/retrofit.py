@@ -58,7 +58,8 @@ from kshare.progress import ProgressFn
 from kshare.surgery.relax import set_member_delta
 from kshare.surgery.tie import apply_plan, plan_of
 from kshare.training.calibrate import batch_norms, recalibrate_on
-from kshare.training.data import ImageData, adapter_for
+from kshare.training.config import finite_number
+from kshare.training.data import Adapter, ImageData, adapter_for
 from kshare.training.reconstruct import UnitReconstruction, held_out_images, reconstruct
 from kshare.training.statistics import Moments, calibration_batches, collect, supports
 
@@ -95,19 +96,14 @@ class FitConfig:
             raise TrainingError(f"unknown fit mode {self.mode!r}: expected one of {', '.join(FIT_MODES)}")
         if self.weighting not in WEIGHTINGS:
             raise TrainingError(f"unknown weighting {self.weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
-        for name, low in (("images", 1), ("batch_size", 1), ("positions", 1)):
+        for name, low in (("images", 1), ("batch_size", 1), ("positions", 1), ("reconstruct", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise TrainingError(f"{param('calib_images' if name == 'images' else name)} must be a whole number "
                                     f"of at least {low}, got {value!r}")
         if not 0.0 <= self.damp <= 10.0:
             raise TrainingError(f"{param('damp')} must be in [0, 10], got {self.damp!r}")
-        if isinstance(self.reconstruct, bool) or not isinstance(self.reconstruct, int) or self.reconstruct < 0:
-            raise TrainingError(f"{param('reconstruct')} must be a whole number of steps, 0 or more, "
-                                f"got {self.reconstruct!r}")
-        if not (isinstance(self.reconstruct_lr, (int, float)) and math.isfinite(self.reconstruct_lr)
-                and self.reconstruct_lr > 0):
-            raise TrainingError(f"{param('reconstruct_lr')} must be a positive number, got {self.reconstruct_lr!r}")
+        finite_number("reconstruct_lr", self.reconstruct_lr, 0.0, math.inf, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -334,11 +330,8 @@ def fit_and_tie(model: nn.Module, plan: SharingPlan, data: ImageData, config: Fi
         for name, (weight, bias) in refits.items():
             _assign(modules[name], weight, bias)
     layers = recalibrate_on(model, batches) if config.recalibrate else 0
-    units: tuple[UnitReconstruction, ...] = ()
-    if original is not None:
-        held_out = held_out_images(data, config.images, adapter, dev, config.seed, config.batch_size)
-        units = reconstruct(model, original, batches, steps=config.reconstruct, lr=config.reconstruct_lr,
-                            held_out=held_out, seed=config.seed, progress=progress)
+    units = reconstruct_fitted(model, original, data, batches, config, adapter, dev,
+                               progress) if original is not None else ()
     reports = tuple(fits[g.name].report if g.name in fits else
                     GroupFit(g.name, len(g.members), float("nan"), float("nan"), float("nan"), fitted=False)
                     for g in plan.groups)
@@ -348,6 +341,16 @@ def fit_and_tie(model: nn.Module, plan: SharingPlan, data: ImageData, config: Fi
                     "tied with their members' mean kernel")
     return FitReport(config.mode, sum(len(b) for b in batches), time.perf_counter() - start, reports, layers,
                      len(refits), units)
+
+
+def reconstruct_fitted(model: nn.Module, original: nn.Module, data: ImageData, batches: Sequence[torch.Tensor],
+                       config: FitConfig, adapter: Adapter, device: torch.device, progress: ProgressFn | None = None
+                       ) -> tuple[UnitReconstruction, ...]:
+    """Block reconstruction of the fitted `model` for `config.reconstruct` steps per unit on its
+    calibration `batches`, each unit judged on images of `data` the calibration sample left out."""
+    held_out = held_out_images(data, config.images, adapter, device, config.seed, config.batch_size)
+    return reconstruct(model, original, batches, steps=config.reconstruct, lr=config.reconstruct_lr,
+                       held_out=held_out, seed=config.seed, progress=progress)
 
 
 def _units(model: nn.Module, groups: list[Group], x: torch.Tensor, compensate: bool) -> list[Group | list[str]]:
