@@ -207,7 +207,10 @@ def _fit_group(group: Group, convs: list[nn.Module], moments: dict[str, Moments]
     ranks = group.ranks_under(relaxation)
     for i, (t, c, h, rank) in enumerate(zip(targets, crosses, grams, ranks, strict=True)):
         p = t @ c
-        scale = scale_fit(kernel, p, h).float() if relaxation.scale else torch.ones(kernel.shape[:2])
+        if relaxation.scale:
+            scale = scale_fit(kernel, p, h).float()
+        else:
+            scale = torch.ones(kernel.shape[:2], device=kernel.device)
         member = scale[..., None] * kernel
         lora = None
         if rank:
@@ -248,7 +251,8 @@ def _augmented(m: Moments, target: torch.Tensor, bias: torch.Tensor) -> tuple[to
         cross, source_total, total, m.rows
     b = bias.detach().float().reshape(g, -1, 1).to(target.device)
     # ‖W x + b‖² summed: the energy, twice b against Σ W x, and every row's b² once per patch
-    outputs = m.energy_total if m.energy_total is not None else torch.zeros(b.shape[:2], dtype=torch.float64)
+    outputs = m.energy_total if m.energy_total is not None else torch.zeros(b.shape[:2], dtype=torch.float64,
+                                                                                     device=b.device)
     energy += 2 * float((b[..., 0].double() * outputs.reshape(b.shape[:2])).sum()) + m.rows * float(b.square().sum())
     return torch.cat([target, b], -1), big_cross, big_gram, energy
 
