@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -134,3 +135,17 @@ def trained(digits: tuple[kshare.ImageData, kshare.ImageData], tmp_path_factory:
     kshare.finetune(model, *digits, kshare.TrainConfig(epochs=3, lr=3e-3, batch_size=64),
                     tmp_path_factory.mktemp("trained") / "m.pt", device="cpu")
     return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def _everything_on_a_fake_gpu(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """`KSHARE_FAKE_CUDA=1 pytest`: every test runs with the stand-in GPU of tests/fakecuda.py
+    present, so the commands that default to the GPU use it (a survey of the GPU path; tests
+    that train fail with `FakeCudaLimit`, which the stand-in cannot run)."""
+    if os.environ.get("KSHARE_FAKE_CUDA") != "1":
+        yield
+        return
+    from fakecuda import fake_cuda
+
+    with fake_cuda(monkeypatch):
+        yield
