@@ -6,6 +6,7 @@
     python examples/retrofit_study.py --preset converged --out docs/results/retrofit_resnet18_converged.json
     python examples/retrofit_study.py --preset features --out docs/results/retrofit_resnet18_features.json
     python examples/retrofit_study.py --preset reconstruct --out docs/results/retrofit_resnet18_reconstruct.json
+    python examples/retrofit_study.py --preset reconstruct_small --out docs/results/retrofit_small_reconstruct.json
     python examples/retrofit_study.py --preset smoke --out /tmp/r.json  # seconds, for the tests
 
 Each baseline is trained untied by `kshare.finetune` (or reused from --work when its
@@ -94,16 +95,18 @@ class Record:
     output_error: float | None = None  # mean relative output error of the groups (data fits)
 
 
+SMALL_BASELINES = (
+    Baseline("DenseNet small", "torchvision.models.densenet:DenseNet",
+             {"growth_rate": 12, "block_config": (4, 4, 4), "num_init_features": 24, "num_classes": 10},
+             epochs=5, lr=3e-3, train_limit=6000),
+    # the paper's own family, where data-free retrofit did worst in the published sweeps
+    Baseline("ConvMixer-64/8", "kshare:convmixer_64_8", {"in_chans": 1, "kernel_size": 5, "patch_size": 2},
+             epochs=4, lr=3e-3, train_limit=6000),
+)
 PRESETS = {
     "cpu": Study(baselines=(
         Baseline("ResNet-18", "resnet18", {"num_classes": 10}, epochs=2, lr=1e-3, image_size=32),
-        Baseline("DenseNet small", "torchvision.models.densenet:DenseNet",
-                 {"growth_rate": 12, "block_config": (4, 4, 4), "num_init_features": 24, "num_classes": 10},
-                 epochs=5, lr=3e-3, train_limit=6000),
-        # the paper's own family, where data-free retrofit did worst in the published sweeps
-        Baseline("ConvMixer-64/8", "kshare:convmixer_64_8", {"in_chans": 1, "kernel_size": 5, "patch_size": 2},
-                 epochs=4, lr=3e-3, train_limit=6000),
-    )),
+        *SMALL_BASELINES)),
     # the "trained to convergence": a cosine schedule three times as long, so that 5% of its
     # steps is a real fine-tune (the 2-epoch baseline above is the one `kshare apply --fit data` shows)
     "converged": Study(
@@ -127,6 +130,12 @@ PRESETS = {
                             image_size=32),),
         policies=("stage",), inits=("sequential", "reconstructed"), finetunes=(("stage", (0.01, 0.05)),),
         finetune_inits=("reconstructed",), finetune_warmup=0.25, finetune_feature_weight=10.0, reconstruct=400),
+    # the same reconstruction on the small DenseNet and ConvMixer of the "cpu" preset, where the fits
+    # alone keep least: sequential fit against fit + reconstruction, each fine-tuned as there
+    "reconstruct_small": Study(
+        baselines=SMALL_BASELINES, policies=("stage", "all"), inits=("sequential", "reconstructed"),
+        finetunes=(("stage", (0.05,)), ("all", (0.05,))), finetune_inits=("sequential", "reconstructed"),
+        reconstruct=400),
     "smoke": Study(
         baselines=(Baseline("ConvMixer-16/3", "kshare:convmixer_16_3",
                             {"in_chans": 1, "kernel_size": 3, "patch_size": 1}, epochs=4, lr=3e-3, batch_size=64),),

@@ -151,7 +151,7 @@ def test_cli_apply_and_retrofit_reconstruct(trained: nn.Module, tmp_path: Path) 
     code, out = cli("apply", *model, "--fit", "data", "--data", "digits", "--calib-images", "128",
                     "--reconstruct", "5", "--out", tmp_path / "a.pt")
     assert code == 0, out
-    assert "reconstructed 1 unit(s) of blocks, 5 steps each" in out and "block output error" in out
+    assert "reconstructed 1 unit(s) of blocks, 5 steps each on 128 images" in out and "block output error" in out
     code, out = cli("retrofit", *model, "--data", "digits", "--calib-images", "128", "--reconstruct", "20", "--json",
                     "--out", tmp_path / "r.pt")
     assert code == 0, out
@@ -159,7 +159,20 @@ def test_cli_apply_and_retrofit_reconstruct(trained: nn.Module, tmp_path: Path) 
     steps = [s["step"] for s in report["steps"]]
     assert steps[-2:] == ["BatchNorm recalibrated", "blocks reconstructed"], steps
     (unit,) = report["fit"]["reconstructed"]
-    assert unit["steps"] == 20 and unit["error"] < unit["start_error"]
+    assert unit["steps"] == 20 and unit["error"] < unit["start_error"] and unit["images"] == 128
+    # more images for the reconstruction than for the fit: the same seeded order, extended
+    code, out = cli("retrofit", *model, "--data", "digits", "--calib-images", "128", "--reconstruct", "5",
+                    "--reconstruct-images", "700", "--json", "--out", tmp_path / "r2.pt")
+    assert code == 0, out
+    (unit,) = json.loads(out.strip().splitlines()[-1])["fit"]["reconstructed"]
+    assert unit["images"] == 700 and unit["steps"] == 5
+    for bad, words in ((("--reconstruct-images", "0", "--reconstruct", "5"), "--reconstruct-images"),
+                       (("--reconstruct-images", "300"), "--reconstruct STEPS"),
+                       (("--reconstruct-images", "100000", "--reconstruct", "5"), "calibration images")):
+        code, out = cli("retrofit", *model, "--data", "digits", "--calib-images", "128", *bad, "--out",
+                        tmp_path / "bad.pt")
+        errors = [line for line in out.splitlines() if line.startswith("error: ")]
+        assert code == 2 and len(errors) == 1 and words in errors[0], (bad, out)
     for bad, flag in ((("--reconstruct", "-1", "--fit", "data", "--data", "digits"), "--reconstruct"),
                       (("--reconstruct", "5"), "--fit data")):
         code, out = cli("apply", *model, *bad, "--out", tmp_path / "bad.pt")

@@ -64,7 +64,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 FLAGGED = frozenset("""alpha batch_size budgets calib_images channels_last clip_grad compile data data_root device
     distill epochs exclude feature_weight fit fit_mode groups image_size images include init input_size label_smoothing
     limit_test limit_train lr match min_size model momentum opset optimizer out plan precision reconstruct
-    relax resume seed seeds share_bias teacher teacher_weights temperature trust_code weight_decay
+    reconstruct_images relax resume seed seeds share_bias teacher teacher_weights temperature trust_code weight_decay
     weights""".split())
 RENAMED = {"warmup_epochs": "--warmup", "policy": "--groups"}
 MODEL_ARGUMENTS = ("num_classes", "in_chans")  # passed as `-k KEY=VALUE`
@@ -209,6 +209,9 @@ ReconstructOpt = Annotated[int, typer.Option(
     help="After the data fit: Adam steps per unit of blocks (the blocks a group spans) towards the untied "
          "network's outputs on the calibration images; no labels (0: off; a few hundred recover much of what "
          "the closed form leaves).")]
+ReconstructImagesOpt = Annotated[int | None, typer.Option(
+    help="Images the block reconstruction trains on: the same seeded sample as --calib-images, extended "
+         "(default: those; more keep helping after the fit has stopped gaining).", show_default=False)]
 WarmupOpt = Annotated[float, typer.Option(help="Linear warm-up of the learning rate, in epochs (fractions allowed).")]
 FeatureWeightOpt = Annotated[float, typer.Option(
     help="Weight of matching the teacher's block outputs (each block holding a tied conv; 0: off).")]

@@ -33,6 +33,7 @@ from kshare.cli.app import (
     InputSizeOpt,
     KwargOpt,
     ModelArg,
+    ReconstructImagesOpt,
     ReconstructOpt,
     TrustOpt,
     WeightsOpt,
@@ -181,6 +182,7 @@ def apply(
     calib_images: CalibImagesOpt = 512,
     fit_mode: FitModeOpt = "sequential",
     reconstruct: ReconstructOpt = 0,
+    reconstruct_images: ReconstructImagesOpt = None,
     device: DeviceOpt = None,
 ) -> None:
     """Tie the sharing groups of a model and save it: each shared kernel is stored once.
@@ -211,7 +213,8 @@ def apply(
         path = save(net, out, spec=spec)
         render_applied(None, path, Console())
         return
-    config = FitConfig(mode=fit_mode, images=calib_images, reconstruct=reconstruct)
+    config = FitConfig(mode=fit_mode, images=calib_images, reconstruct=reconstruct,
+                       reconstruct_images=reconstruct_images)
     dev = resolve_device(device)
     loaded: list[ImageData] = []
 

@@ -180,7 +180,8 @@ def render_reconstruction(units: Sequence[UnitReconstruction], console: Console)
     undone = [u for u in units if not u.kept]
     network = (units[0].network_start_error,
                units[-1].network_error if units[-1].kept else units[-1].network_start_error)
-    console.print(f"reconstructed {len(units)} unit(s) of blocks, {max(u.steps for u in units)} steps each, in "
+    console.print(f"reconstructed {len(units)} unit(s) of blocks, {max(u.steps for u in units)} steps each on "
+                  f"{units[0].images:,} images, in "
                   f"{sum(u.seconds for u in units):.1f} s: block output error {before:.3f} → {after:.3f}, "
                   f"network output error {network[0]:.3f} → {network[1]:.3f}"
                   + (f"; {len(undone)} unit(s) undone (their steps made the network's output worse)" if undone else ""))

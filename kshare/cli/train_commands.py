@@ -28,6 +28,7 @@ from kshare.cli.app import (
     KwargOpt,
     LimitOpt,
     PrecisionOpt,
+    ReconstructImagesOpt,
     ReconstructOpt,
     TrustOpt,
     WarmupOpt,
@@ -314,6 +315,7 @@ def retrofit(
     calib_images: CalibImagesOpt = 512,
     fit_mode: FitModeOpt = "sequential",
     reconstruct: ReconstructOpt = 0,
+    reconstruct_images: ReconstructImagesOpt = None,
     epochs: Annotated[int, typer.Option(help="Fine-tune epochs after the fit (0: none).")] = 0,
     distill: Annotated[bool, typer.Option(help="Distil the fine-tune from the untied model.")] = True,
     lr: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = 1e-3,
@@ -337,7 +339,8 @@ def retrofit(
     train_config = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, distill=distill, seed=seed,
                                image_size=image_size, warmup_epochs=warmup, feature_weight=feature_weight
                                ) if epochs else None
-    config = FitConfig(mode=fit_mode, images=calib_images, recalibrate=False, seed=seed, reconstruct=reconstruct)
+    config = FitConfig(mode=fit_mode, images=calib_images, recalibrate=False, seed=seed, reconstruct=reconstruct,
+                       reconstruct_images=reconstruct_images)
     net, analysis = request.analyze()
     train_data, test_data = _splits(data, data_root, decode_size(net, image_size), limit_train, limit_test)
     assert train_data is not None
@@ -358,8 +361,9 @@ def retrofit(
     step("tied (mean init)", tie(copy.deepcopy(net), analysis.plan, init="mean"))
     model = copy.deepcopy(net)
     with progress_bars() as progress:  # reconstruction comes after the recalibration below
-        report = fit_and_tie(model, analysis.plan, train_data, dataclasses.replace(config, reconstruct=0),
-                             image_size=image_size, device=rt.device, progress=progress)
+        fit_only = dataclasses.replace(config, reconstruct=0, reconstruct_images=None)
+        report = fit_and_tie(model, analysis.plan, train_data, fit_only, image_size=image_size, device=rt.device,
+                             progress=progress)
     step(f"fitted ({fit_mode})", model, report.seconds)
     start = time.perf_counter()
     batches = calibration_batches(train_data, min(calib_images, len(train_data.labels)), 128,

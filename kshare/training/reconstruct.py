@@ -56,8 +56,8 @@ class UnitReconstruction:
     """One unit: its blocks, mean relative output error on the calibration images before and
     after its steps (each block's ‖s − t‖² / ‖t‖², averaged), the whole network's relative
     output error before and after (on the held-out images, where given), whether the steps
-    were kept (the network's output error fell) or undone, the parameters it trained, and how
-    long it took."""
+    were kept (the network's output error fell) or undone, the parameters it trained, how
+    long it took, and on how many calibration images."""
 
     blocks: tuple[str, ...]
     start_error: float
@@ -68,6 +68,7 @@ class UnitReconstruction:
     parameters: int
     steps: int
     seconds: float
+    images: int = 0
 
 
 def reconstruction_units(model: nn.Module) -> list[list[str]]:
@@ -215,6 +216,7 @@ def reconstruct(model: nn.Module, original: nn.Module, images: Sequence[torch.Te
     if not images or not sum(len(b) for b in images):
         raise TrainingError("reconstruction needs calibration images, and none were given")
     batches = torch.cat(list(images)).split(batch_size)
+    count = sum(len(b) for b in batches)
     judged = torch.cat(list(held_out)).split(batch_size) if held_out else batches
     was_training, flags = model.training, {id(p): p.requires_grad for p in model.parameters()}
     original_training = original.training
@@ -234,7 +236,7 @@ def reconstruct(model: nn.Module, original: nn.Module, images: Sequence[torch.Te
             before = _error(model, batches, blocks, targets)
             if not params:
                 done.append(UnitReconstruction(tuple(blocks), before, before, network, network, True, 0, 0,
-                                               time.perf_counter() - start))
+                                               time.perf_counter() - start, count))
                 continue
             saved = [p.detach().clone() for p in params]
             for p in model.parameters():
@@ -268,7 +270,7 @@ def reconstruct(model: nn.Module, original: nn.Module, images: Sequence[torch.Te
                 log.warning(f"{task} ({', '.join(blocks)}): block output error {before:.4f} → {after:.4f}, but the "
                             f"network's output error rose {network:.4f} → {network_after:.4f}: its steps are undone")
             done.append(UnitReconstruction(tuple(blocks), before, after, network, network_after, kept,
-                                           sum(p.numel() for p in params), steps, time.perf_counter() - start))
+                                           sum(p.numel() for p in params), steps, time.perf_counter() - start, count))
             network = network_after if kept else network
             log.debug(f"{task}: {', '.join(blocks)} output error {before:.4f} → {after:.4f} ({done[-1].seconds:.1f} s)")
     finally:

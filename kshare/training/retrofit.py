@@ -77,7 +77,9 @@ class FitConfig:
     whether BatchNorm statistics are re-estimated on the calibration images at the end
     (`recalibrate`; the sequential mode always re-estimates them between groups of its copy).
     `reconstruct` > 0 then trains each unit of blocks for that many steps towards the untied
-    outputs on the same images (`kshare.training.reconstruct`), at `reconstruct_lr`."""
+    outputs (`kshare.training.reconstruct`), at `reconstruct_lr`, on `reconstruct_images` of the
+    same seeded order (default: the fit's own; the closed form is done by about 512, while the
+    reconstruction, which trains, keeps gaining from more)."""
 
     mode: str = "sequential"
     images: int = 512
@@ -90,6 +92,7 @@ class FitConfig:
     seed: int = 0
     reconstruct: int = 0
     reconstruct_lr: float = 1e-3
+    reconstruct_images: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in FIT_MODES:
@@ -104,6 +107,12 @@ class FitConfig:
         if not 0.0 <= self.damp <= 10.0:
             raise TrainingError(f"{param('damp')} must be in [0, 10], got {self.damp!r}")
         finite_number("reconstruct_lr", self.reconstruct_lr, 0.0, math.inf, low_open=True)
+        n = self.reconstruct_images
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise TrainingError(f"{param('reconstruct_images')} must be a whole number of at least 1, got {n!r}")
+        if n is not None and not self.reconstruct:
+            raise TrainingError(f"{param('reconstruct_images')} sets the images of the block reconstruction: give "
+                                f"{param('reconstruct')} STEPS too")
 
 
 @dataclass(frozen=True)
@@ -351,8 +360,13 @@ def reconstruct_fitted(model: nn.Module, original: nn.Module, data: ImageData, b
                        config: FitConfig, adapter: Adapter, device: torch.device, progress: ProgressFn | None = None
                        ) -> tuple[UnitReconstruction, ...]:
     """Block reconstruction of the fitted `model` for `config.reconstruct` steps per unit on its
-    calibration `batches`, each unit judged on images of `data` the calibration sample left out."""
-    held_out = held_out_images(data, config.images, adapter, device, config.seed, config.batch_size)
+    calibration `batches` (or `config.reconstruct_images` of the same seeded order), each unit
+    judged on images of `data` that neither sample took."""
+    taken = config.images
+    if config.reconstruct_images is not None and config.reconstruct_images != config.images:
+        taken = config.reconstruct_images
+        batches = calibration_batches(data, taken, config.batch_size, adapter, device, config.seed)
+    held_out = held_out_images(data, max(taken, config.images), adapter, device, config.seed, config.batch_size)
     return reconstruct(model, original, batches, steps=config.reconstruct, lr=config.reconstruct_lr,
                        held_out=held_out, seed=config.seed, progress=progress)
 
