@@ -215,8 +215,8 @@ def reconstruct(model: nn.Module, original: nn.Module, images: Sequence[torch.Te
         raise TrainingError(f"the reconstruction's output weight must be a number of at least 0, got {output_weight!r}")
     if not images or not sum(len(b) for b in images):
         raise TrainingError("reconstruction needs calibration images, and none were given")
-    batches = torch.cat(list(images)).split(batch_size)
-    count = sum(len(b) for b in batches)
+    joined = torch.cat(list(images))
+    batches, count = joined.split(batch_size), len(joined)
     judged = torch.cat(list(held_out)).split(batch_size) if held_out else batches
     was_training, flags = model.training, {id(p): p.requires_grad for p in model.parameters()}
     original_training = original.training

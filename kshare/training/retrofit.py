@@ -99,7 +99,10 @@ class FitConfig:
             raise TrainingError(f"unknown fit mode {self.mode!r}: expected one of {', '.join(FIT_MODES)}")
         if self.weighting not in WEIGHTINGS:
             raise TrainingError(f"unknown weighting {self.weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
-        for name, low in (("images", 1), ("batch_size", 1), ("positions", 1), ("reconstruct", 0)):
+        counts: tuple[tuple[str, int], ...] = (("images", 1), ("batch_size", 1), ("positions", 1), ("reconstruct", 0))
+        if self.reconstruct_images is not None:  # None: the fit's own images
+            counts += (("reconstruct_images", 1),)
+        for name, low in counts:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise TrainingError(f"{param('calib_images' if name == 'images' else name)} must be a whole number "
@@ -107,10 +110,7 @@ class FitConfig:
         if not 0.0 <= self.damp <= 10.0:
             raise TrainingError(f"{param('damp')} must be in [0, 10], got {self.damp!r}")
         finite_number("reconstruct_lr", self.reconstruct_lr, 0.0, math.inf, low_open=True)
-        n = self.reconstruct_images
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise TrainingError(f"{param('reconstruct_images')} must be a whole number of at least 1, got {n!r}")
-        if n is not None and not self.reconstruct:
+        if self.reconstruct_images is not None and not self.reconstruct:
             raise TrainingError(f"{param('reconstruct_images')} sets the images of the block reconstruction: give "
                                 f"{param('reconstruct')} STEPS too")
 
