@@ -200,10 +200,12 @@ def command_for(path: str | Path, stored: dict[str, Any]) -> str:
     settings it holds."""
     settings = with_defaults(stored)
     for name, study in PRESETS.items():
+        preset = "" if name == "cpu" else f" --preset {name}"
         for base in study.baselines:
             if jsonable(dataclasses.replace(study, baselines=(base,))) == settings:
-                preset = "" if name == "cpu" else f" --preset {name}"
                 return f"python examples/retrofit_study.py{preset} --only \"{base.label}\" --out {path}"
+        if jsonable(study) == settings:  # every baseline of the preset in one file
+            return f"python examples/retrofit_study.py{preset} --out {path}"
     raise StudyError(f"{path} was made with settings no preset has")
 
 
