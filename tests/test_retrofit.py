@@ -19,7 +19,7 @@ from kshare.cli import app
 from kshare.kernels import output_error, shared_fit
 from kshare.training.data import adapter_for
 from kshare.training.retrofit import FitConfig, fit_and_tie
-from kshare.training.statistics import calibration_batches, collect, patches
+from kshare.training.statistics import GRAM_BLOCK, add_gram, calibration_batches, collect, patches
 
 
 def cli(*args: object) -> tuple[int, str]:
@@ -58,6 +58,18 @@ def test_patches_match_unfold_for_every_conv_setting() -> None:
     blocks = conv1d.weight.reshape(1, 5, -1)
     recon = (blocks @ patches(conv1d, x1)).reshape(5, 2, 7).permute(1, 0, 2) + conv1d.bias.view(1, -1, 1)
     torch.testing.assert_close(recon, conv1d(x1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("fan_in", [7, 2 * GRAM_BLOCK - 1, 2 * GRAM_BLOCK, 3 * GRAM_BLOCK + 5])
+def test_blocked_gram_is_the_full_product(fan_in: int) -> None:
+    """Large Grams are summed by upper blocks and mirrored: the same sums, batch after batch."""
+    torch.manual_seed(0)
+    gram, expected = torch.zeros(2, fan_in, fan_in), torch.zeros(2, fan_in, fan_in, dtype=torch.float64)
+    for _ in range(2):
+        p = torch.randn(2, fan_in, 40)
+        add_gram(gram, p)
+        expected += p.double() @ p.double().transpose(1, 2)
+    torch.testing.assert_close(gram.double(), expected, rtol=1e-5, atol=1e-3)
 
 
 def test_closed_form_matches_brute_force_least_squares() -> None:

@@ -98,6 +98,23 @@ def output_positions(conv: nn.Module, x: torch.Tensor) -> int:
     return ((h - dh * (kh - 1) - 1) // sh + 1) * ((w - dw * (kw - 1) - 1) // sw + 1)
 
 
+GRAM_BLOCK = 512  # rows per block of a large Gram: small enough to skip most of the lower half, large enough for GEMM speed
+
+
+def add_gram(gram: torch.Tensor, p: torch.Tensor) -> None:
+    """gram += p pᵀ per conv group (G, F, R). A Gram is symmetric, so a large one is computed by
+    blocks of rows on and above the diagonal and mirrored: about 0.56 of the multiply-adds at
+    F = 4,608 (resnet50's 3x3 convs of 512 channels), where the sums cost as much as the forward."""
+    f = p.shape[1]
+    if f < 2 * GRAM_BLOCK:
+        gram.baddbmm_(p, p.transpose(1, 2))
+        return
+    for i in range(0, f, GRAM_BLOCK):
+        gram[:, i : i + GRAM_BLOCK, i:].baddbmm_(p[:, i : i + GRAM_BLOCK], p[:, i:].transpose(1, 2))
+    for i in range(GRAM_BLOCK, f, GRAM_BLOCK):  # the lower blocks from the upper ones
+        gram[:, i : i + GRAM_BLOCK, :i] = gram[:, :i, i : i + GRAM_BLOCK].transpose(1, 2)
+
+
 @dataclass
 class Moments:
     """Sums over a member's calibration patches (see the module docstring)."""
@@ -234,7 +251,7 @@ def collect(model: nn.Module, members: Sequence[str], batches: Sequence[torch.Te
                 if m is None:
                     m = found[name] = Moments(torch.zeros(p.shape[0], p.shape[1], p.shape[1], device=p.device),
                                               torch.zeros(p.shape[:2], dtype=torch.float64, device=p.device))
-                m.gram.baddbmm_(p, p.transpose(1, 2))
+                add_gram(m.gram, p)
                 m.total += p.sum(-1).double()
                 m.rows += p.shape[-1]
                 original = held.get(name, p)
