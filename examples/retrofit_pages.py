@@ -56,7 +56,8 @@ def retrofit_section(studies: list[tuple[dict[str, Any], list[Record]]], command
         f"images. No gradient step is taken until the fine-tune columns. Seeds {', '.join(map(str, study['seeds']))} "
         f"draw the calibration images (and seed the fine-tunes): mean ± sd over them. `budget≈stage` is the budget "
         f"plan that stores no more parameters than `stage` (plain, and with `lora:auto` deltas fitted in the same "
-        f"metric); `@data` marks the budget plans that group kernels and allot delta ranks by output error on the "
+        f"metric), `budget≈N%` the one that stores at most N% of the untied network's; `@data` marks the budget "
+        f"plans that group kernels and allot delta ranks by output error on the "
         f"calibration images (fitted by the sequential fit). Test accuracy on {tested} "
         f"`{study['data']}` test images. Fit times are wall times of the whole fit (statistics, solves, tying), "
         "on the machine named under each baseline.",
@@ -78,7 +79,10 @@ def _baseline(lines: list[str], header: dict[str, Any], records: list[Record], c
         untied = next(r.acc for r in records if r.baseline == label and r.policy == "untied")
         features = study.get("finetune_feature_weight", 0.0)
         rebuilt = study.get("reconstruct", 0)
-        title = (label + (", with block reconstruction" if rebuilt else "")
+        sizes = any(p.removeprefix("budget≈").partition("+")[0].partition("@")[0].endswith("%")
+                    for p in study["policies"])
+        title = (label + (", budget plans of several sizes" if sizes else "")
+                 + (", with block reconstruction" if rebuilt else "")
                  + (", fine-tuned with feature matching" if features else ""))
         lines += ["", f"### {title}", "",
                   f"`{base['ref']}`{''.join(f' {k}={v}' for k, v in base['kwargs'].items())}, trained untied by "
@@ -169,7 +173,10 @@ def _verdicts(label: str, untied: float, by: dict[tuple[str, str, str, str], lis
                          + ("" if data_free else " of the untied accuracy"))
         when = ("before any fine-tune (block reconstruction takes gradient steps, on unlabelled images)"
                 if fitted and fitted[1] == "reconstructed" else "with no gradient step")
-        found.append(f"- `{policy}` {when}: {'; '.join(parts)}.")
+        params = next((r[0].params for k, r in by.items() if k[:2] == (label, policy) and r), 0)
+        untied_params = next((r[0].params for k, r in by.items() if k[:2] == (label, "untied") and r), 0)
+        smaller = f" ({untied_params / params:.2f}x fewer parameters)" if params and untied_params else ""
+        found.append(f"- `{policy}`{smaller} {when}: {'; '.join(parts)}.")
         for init in ("sequential", "reconstructed"):
             steps = [int(k[3].split("|")[1]) for k in by if k[:3] == (label, policy, init) and
                      k[3].startswith("finetuned|")]
@@ -181,4 +188,36 @@ def _verdicts(label: str, untied: float, by: dict[tuple[str, str, str, str], lis
                 what = "data fit" if init == "sequential" else "data fit and block reconstruction"
                 found.append(f"- `{policy}`, {what}, after {s} fine-tune steps ({share:.0%} of the baseline's): "
                              f"{100 * acc:.2f}%, {100 * (acc - untied):+.2f} points from untied.")
-    return found
+    return found + _most_sharing(label, untied, by, note)
+
+
+def _most_sharing(label: str, untied: float, by: dict[tuple[str, str, str, str], list[Record]],
+                  note: dict[str, Any]) -> list[str]:
+    """Which plan stores least while staying within 0.5 (and 1) points of untied after a fine-tune of
+    at most 5% of the baseline's steps: the trade-off a study of several sizes is for."""
+    limit = max(1, round(0.05 * note.get("steps", 0)))
+    params = {k[1]: r[0].params for k, r in by.items() if k[0] == label and r}
+    total = params.pop("untied", 0)
+    ends: dict[str, tuple[float, int]] = {}  # policy: (best mean accuracy, steps), fine-tuned within the limit
+    for (base, policy, _, stage), records in by.items():
+        steps = int(stage.split("|")[1]) if base == label and stage.startswith("finetuned|") else limit + 1
+        if steps <= limit:
+            acc = statistics.fmean(r.acc for r in records)
+            ends[policy] = max(ends.get(policy, (acc, steps)), (acc, steps))
+    if len(ends) < 2 or not total:
+        return []
+    lines = []
+    for gap in (0.5, 1.0):
+        within = [p for p, (acc, _) in ends.items() if untied - acc <= gap / 100]
+        if within:
+            best = min(within, key=lambda p: params[p])
+            acc, steps = ends[best]
+            lines.append(f"- Most sharing within {gap:g} point{'s' if gap != 1 else ''} of untied after at most 5% of "
+                         f"the baseline's steps: `{best}`, {total / params[best]:.2f}x fewer parameters, "
+                         f"{100 * acc:.2f}% after {steps} steps.")
+    if len(lines) < 2:  # not even within 1 point (or only that): the closest plan
+        closest = max(ends, key=lambda p: ends[p][0])
+        lines.insert(0, f"- No plan here comes within {'0.5 or 1 point' if not lines else '0.5 points'} of untied "
+                        f"after at most 5% of the baseline's steps; the closest is `{closest}` "
+                        f"({total / params[closest]:.2f}x fewer parameters, {100 * ends[closest][0]:.2f}%).")
+    return lines

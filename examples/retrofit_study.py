@@ -7,12 +7,15 @@
     python examples/retrofit_study.py --preset features --out docs/results/retrofit_resnet18_features.json
     python examples/retrofit_study.py --preset reconstruct --out docs/results/retrofit_resnet18_reconstruct.json
     python examples/retrofit_study.py --preset reconstruct_small --out docs/results/retrofit_small_reconstruct.json
+    python examples/retrofit_study.py --preset tradeoff --out docs/results/retrofit_resnet18_tradeoff.json
+    python examples/retrofit_study.py --preset tradeoff_small --out docs/results/retrofit_small_tradeoff.json
     python examples/retrofit_study.py --preset smoke --out /tmp/r.json  # seconds, for the tests
 
 Each baseline is trained untied by `kshare.finetune` (or reused from --work when its
 checkpoint is there), then tied with each policy (`stage`, `all`, and a budget plan matched to
-`stage`'s stored size, plain and with `lora:auto`, grouped by weight error or, `@data`, by
-output error on the calibration images) and each init: the weight-space `mean` and
+`stage`'s stored size, or `budget≈N%`, to N% of the untied network's, plain and with
+`lora:auto`, grouped by weight error or, `@data`, by output error on the calibration images)
+and each init: the weight-space `mean` and
 `norm_mean`, and the data-aware one-shot and sequential fits (`kshare.training.retrofit`), each
 from a calibration sample per seed; `reconstructed` is the sequential fit followed by block
 reconstruction on the same images (`kshare.training.reconstruct`, BatchNorm re-estimated
@@ -103,6 +106,8 @@ SMALL_BASELINES = (
     Baseline("ConvMixer-64/8", "kshare:convmixer_64_8", {"in_chans": 1, "kernel_size": 5, "patch_size": 2},
              epochs=4, lr=3e-3, train_limit=6000),
 )
+# budget plans at three sizes, grouped by weight error and (`@data`) by output error
+TRADEOFF_SMALL = tuple(f"budget≈{n}%{by}" for by in ("", "@data") for n in (40, 60, 80))
 PRESETS = {
     "cpu": Study(baselines=(
         Baseline("ResNet-18", "resnet18", {"num_classes": 10}, epochs=2, lr=1e-3, image_size=32),
@@ -136,6 +141,20 @@ PRESETS = {
         baselines=SMALL_BASELINES, policies=("stage", "all"), inits=("sequential", "reconstructed"),
         finetunes=(("stage", (0.05,)), ("all", (0.05,))), finetune_inits=("sequential", "reconstructed"),
         reconstruct=400),
+    # how much sharing a 5% fine-tune can take back: budget plans that store more than `stage` (2.29x
+    # fewer parameters; its row under the same fit and fine-tune is the "features" preset's), from
+    # layers 3 and 4 shared down to layer 4 alone, and layer 4 shared with fitted low-rank deltas
+    "tradeoff": Study(
+        baselines=(Baseline("ResNet-18 6-epoch", "resnet18", {"num_classes": 10}, epochs=6, lr=1e-3,
+                            image_size=32),),
+        policies=("budget≈50%", "budget≈60%", "budget≈70%+lora:auto"), inits=("sequential",),
+        finetunes=(("budget≈50%", (0.05,)), ("budget≈60%", (0.05,)), ("budget≈70%+lora:auto", (0.05,))),
+        finetune_inits=("sequential",), finetune_warmup=0.25, finetune_feature_weight=10.0),
+    # the same question on the small DenseNet and ConvMixer (`stage` stores 56% and 18% of them), fine-tuned as
+    # in the "cpu" preset
+    "tradeoff_small": Study(
+        baselines=SMALL_BASELINES, policies=TRADEOFF_SMALL, inits=("sequential",),
+        finetunes=tuple((p, (0.05,)) for p in TRADEOFF_SMALL), finetune_inits=("sequential",)),
     "smoke": Study(
         baselines=(Baseline("ConvMixer-16/3", "kshare:convmixer_16_3",
                             {"in_chans": 1, "kernel_size": 3, "patch_size": 1}, epochs=4, lr=3e-3, batch_size=64),),
@@ -244,8 +263,9 @@ def inits_for(study: Study, policy: str) -> tuple[str, ...]:
 
 def plans(model: nn.Module, study: Study, size: tuple[int, ...], train: kshare.ImageData,
           image_size: int | None) -> dict[str, kshare.SharingPlan]:
-    """Every policy of the study; a budget plan matched to `stage`'s (or `all`'s) stored parameters,
-    grouped by weight error, or (`@data`) by output error on the calibration images of seed 0."""
+    """Every policy of the study; a budget plan matched to `stage`'s (or `all`'s) stored parameters, or
+    (`budget≈N%`) to N% of the untied network's, grouped by weight error, or (`@data`) by output error
+    on the calibration images of seed 0."""
     found: dict[str, kshare.SharingPlan] = {}
     metric = None
     for name in study.policies:
@@ -253,11 +273,14 @@ def plans(model: nn.Module, study: Study, size: tuple[int, ...], train: kshare.I
             found[name] = kshare.plan(model, name, input_size=size)
             continue
         target, _, relax = name.removeprefix("budget≈").removesuffix("@data").partition("+")
-        analysis = kshare.analyze(model, target, input_size=size)
+        analysis = kshare.analyze(model, "all" if target.endswith("%") else target, input_size=size)
+        # `budget≈60%`: at most 60% of the untied network's parameters; `budget≈stage`: what `stage` stores
+        limit = (round(float(target[:-1]) / 100 * sum(p.numel() for p in model.parameters()))
+                 if target.endswith("%") else analysis.plan.totals.params_after)
         if name.endswith("@data") and metric is None:
             names = [s.name for s in analysis.inspection.sites]
             metric = output_metric(model, names, train, FitConfig(images=study.calib_images), image_size=image_size)
-        plan = matched_budget(model, analysis.inspection, analysis.plan.totals.params_after,
+        plan = matched_budget(model, analysis.inspection, limit,
                               kshare.Relaxation.parse(relax or None), kshare.PositionalConfig(),
                               metric=metric if name.endswith("@data") else None)
         if plan is not None:
@@ -342,7 +365,7 @@ def run_study(study: Study, path: Path, work: Path, log: Any = print) -> list[Re
                         f"{file.records[prefix + '|recalibrated'].acc:.4f} ({seconds:.1f} s)")
                     if missing:
                         waiting[prefix] = (tied, error)
-        pending.sort(key=lambda p: study.finetune_inits.index(p[1]))
+        pending.sort(key=lambda p: (study.finetune_inits.index(p[1]), p[2]))  # one seed of every point first
         for policy, init, seed, missing in pending:
             prefix = f"{base.label}|{policy}|{init}|{seed}"
             if prefix in waiting:

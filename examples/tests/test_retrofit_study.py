@@ -118,8 +118,22 @@ def test_fine_tunes_run_after_every_fit_in_the_order_of_finetune_inits(smoke: Pa
     first_tune = stages.index("finetuned")
     assert "finetuned" not in stages[:first_tune] and set(stages[first_tune:]) == {"finetuned"}
     order = retrofit_study.PRESETS["smoke"].finetune_inits
-    ranks = [order.index(r.init) for r in records if r.stage == "finetuned"]
-    assert ranks == sorted(ranks) and len(set(ranks)) == len(order)
+    ranks = [(order.index(r.init), r.seed) for r in records if r.stage == "finetuned"]
+    assert ranks == sorted(ranks) and len({init for init, _ in ranks}) == len(order)  # one seed of every point first
+
+
+def test_a_budget_in_percent_stores_at_most_that_share_of_the_untied_parameters() -> None:
+    import kshare
+
+    model = kshare.load_model("resnet18", {"num_classes": 10})[0]
+    total = sum(p.numel() for p in model.parameters())
+    study = retrofit_study.Study(baselines=(), policies=("budget≈50%", "budget≈60%", "budget≈70%+lora:auto"))
+    found = retrofit_study.plans(model, study, (3, 32, 32), kshare.load_data("digits", "train"), 32)
+    sizes = {name: plan.totals.params_after for name, plan in found.items()}  # deltas counted
+    for name, share in (("budget≈50%", 0.5), ("budget≈60%", 0.6), ("budget≈70%+lora:auto", 0.7)):
+        assert sizes[name] <= share * total, name
+    assert sizes["budget≈50%"] < sizes["budget≈60%"] < sizes["budget≈70%+lora:auto"]
+    assert found["budget≈70%+lora:auto"].relax_params > 0
 
 
 def test_a_file_made_before_a_setting_existed_resumes(smoke: Path, tmp_path: Path,
@@ -183,3 +197,26 @@ def test_a_verdict_without_data_free_rows_reads_whole(smoke: Path) -> None:
     page = retrofit_section([(header, rebuilt)], "cmd")  # reconstruction takes (unlabelled) gradient steps
     assert "before any fine-tune (block reconstruction takes gradient steps, on unlabelled images): the " \
            "sequential + block reconstruction data fit keeps" in page and "with no gradient step" not in page
+
+
+def test_the_most_sharing_within_half_a_point_is_named() -> None:
+    from collections import defaultdict
+
+    from retrofit_pages import _most_sharing
+
+    def rec(policy: str, params: int, acc: float, steps: int) -> retrofit_study.Record:
+        stage = "finetuned" if steps else "tied"
+        return retrofit_study.Record(f"{policy}|{steps}", "B", policy, "sequential", 0, stage, acc, params, steps)
+
+    records = [rec("untied", 1000, 0.90, 0), rec("small", 300, 0.85, 5), rec("middle", 500, 0.897, 5),
+               rec("large", 800, 0.899, 5), rec("small", 300, 0.95, 50)]  # 50 steps: beyond 5% of 100
+    by: dict[tuple[str, str, str, str], list[retrofit_study.Record]] = defaultdict(list)
+    for r in records:
+        by[(r.baseline, r.policy, r.init, r.stage + (f"|{r.steps}" if r.stage == "finetuned" else ""))].append(r)
+    lines = _most_sharing("B", 0.90, by, {"steps": 100})
+    assert lines == ["- Most sharing within 0.5 points of untied after at most 5% of the baseline's steps: `middle`, "
+                     "2.00x fewer parameters, 89.70% after 5 steps.",
+                     "- Most sharing within 1 point of untied after at most 5% of the baseline's steps: `middle`, "
+                     "2.00x fewer parameters, 89.70% after 5 steps."]
+    far = _most_sharing("B", 0.95, by, {"steps": 100})
+    assert far[0].startswith("- No plan here comes within 0.5 or 1 point") and "`large`" in far[0] and len(far) == 1
