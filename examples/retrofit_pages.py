@@ -7,7 +7,7 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-from retrofit_study import Record
+from retrofit_study import Record, budget_target
 
 INIT_NAMES = {"mean": "`mean` (weights)", "norm_mean": "`norm_mean` (weights)", "oneshot": "data, one-shot",
               "sequential": "data, sequential", "reconstructed": "data, sequential + block reconstruction"}
@@ -79,8 +79,7 @@ def _baseline(lines: list[str], header: dict[str, Any], records: list[Record], c
         untied = next(r.acc for r in records if r.baseline == label and r.policy == "untied")
         features = study.get("finetune_feature_weight", 0.0)
         rebuilt = study.get("reconstruct", 0)
-        sizes = any(p.removeprefix("budget≈").partition("+")[0].partition("@")[0].endswith("%")
-                    for p in study["policies"])
+        sizes = any((budget_target(p) or ("",))[0].endswith("%") for p in study["policies"])
         title = (label + (", budget plans of several sizes" if sizes else "")
                  + (", with block reconstruction" if rebuilt else "")
                  + (", fine-tuned with feature matching" if features else ""))
@@ -150,6 +149,7 @@ def _verdicts(label: str, untied: float, by: dict[tuple[str, str, str, str], lis
     """The findings, computed: what the best data-free and data-aware inits keep of `stage` and
     `all`, and the gap to the untied network after the longest fine-tune up to 5% of its steps."""
     found = []
+    params = {k[1]: r[0].params for k, r in by.items() if k[0] == label and r}  # stored, by policy ("untied" too)
     for policy in ("stage", "all"):
         if policy in note.get("same_plan", {}):
             found.append(f"- `{policy}` is `{note['same_plan'][policy]}` here: the same groups, the same results.")
@@ -173,9 +173,8 @@ def _verdicts(label: str, untied: float, by: dict[tuple[str, str, str, str], lis
                          + ("" if data_free else " of the untied accuracy"))
         when = ("before any fine-tune (block reconstruction takes gradient steps, on unlabelled images)"
                 if fitted and fitted[1] == "reconstructed" else "with no gradient step")
-        params = next((r[0].params for k, r in by.items() if k[:2] == (label, policy) and r), 0)
-        untied_params = next((r[0].params for k, r in by.items() if k[:2] == (label, "untied") and r), 0)
-        smaller = f" ({untied_params / params:.2f}x fewer parameters)" if params and untied_params else ""
+        smaller = (f" ({params['untied'] / params[policy]:.2f}x fewer parameters)"
+                   if params.get(policy) and params.get("untied") else "")
         found.append(f"- `{policy}`{smaller} {when}: {'; '.join(parts)}.")
         for init in ("sequential", "reconstructed"):
             steps = [int(k[3].split("|")[1]) for k in by if k[:3] == (label, policy, init) and
@@ -188,16 +187,16 @@ def _verdicts(label: str, untied: float, by: dict[tuple[str, str, str, str], lis
                 what = "data fit" if init == "sequential" else "data fit and block reconstruction"
                 found.append(f"- `{policy}`, {what}, after {s} fine-tune steps ({share:.0%} of the baseline's): "
                              f"{100 * acc:.2f}%, {100 * (acc - untied):+.2f} points from untied.")
-    return found + _most_sharing(label, untied, by, note)
+    return found + _most_sharing(label, untied, by, note, params)
 
 
 def _most_sharing(label: str, untied: float, by: dict[tuple[str, str, str, str], list[Record]],
-                  note: dict[str, Any]) -> list[str]:
+                  note: dict[str, Any], params: dict[str, int]) -> list[str]:
     """Which plan stores least while staying within 0.5 (and 1) points of untied after a fine-tune of
-    at most 5% of the baseline's steps: the trade-off a study of several sizes is for."""
+    at most 5% of the baseline's steps: the trade-off a study of several sizes is for. `params`:
+    stored parameters by policy, the untied network's under "untied"."""
     limit = max(1, round(0.05 * note.get("steps", 0)))
-    params = {k[1]: r[0].params for k, r in by.items() if k[0] == label and r}
-    total = params.pop("untied", 0)
+    total = params.get("untied", 0)
     ends: dict[str, tuple[float, int]] = {}  # policy: (best mean accuracy, steps), fine-tuned within the limit
     for (base, policy, _, stage), records in by.items():
         steps = int(stage.split("|")[1]) if base == label and stage.startswith("finetuned|") else limit + 1

@@ -261,6 +261,15 @@ def inits_for(study: Study, policy: str) -> tuple[str, ...]:
     return ("sequential",) if policy.endswith("@data") else study.inits
 
 
+def budget_target(policy: str) -> tuple[str, str] | None:
+    """A budget policy's target and relaxation (`budget≈60%+lora:auto@data`: "60%", "lora:auto");
+    None for a positional policy. A target ending in % is a share of the untied parameters."""
+    if not policy.startswith("budget≈"):
+        return None
+    target, _, relax = policy.removeprefix("budget≈").removesuffix("@data").partition("+")
+    return target, relax
+
+
 def plans(model: nn.Module, study: Study, size: tuple[int, ...], train: kshare.ImageData,
           image_size: int | None) -> dict[str, kshare.SharingPlan]:
     """Every policy of the study; a budget plan matched to `stage`'s (or `all`'s) stored parameters, or
@@ -269,14 +278,15 @@ def plans(model: nn.Module, study: Study, size: tuple[int, ...], train: kshare.I
     found: dict[str, kshare.SharingPlan] = {}
     metric = None
     for name in study.policies:
-        if not name.startswith("budget≈"):
+        budget = budget_target(name)
+        if budget is None:
             found[name] = kshare.plan(model, name, input_size=size)
             continue
-        target, _, relax = name.removeprefix("budget≈").removesuffix("@data").partition("+")
+        target, relax = budget
         analysis = kshare.analyze(model, "all" if target.endswith("%") else target, input_size=size)
         # `budget≈60%`: at most 60% of the untied network's parameters; `budget≈stage`: what `stage` stores
-        limit = (round(float(target[:-1]) / 100 * sum(p.numel() for p in model.parameters()))
-                 if target.endswith("%") else analysis.plan.totals.params_after)
+        totals = analysis.plan.totals
+        limit = round(float(target[:-1]) / 100 * totals.params_before) if target.endswith("%") else totals.params_after
         if name.endswith("@data") and metric is None:
             names = [s.name for s in analysis.inspection.sites]
             metric = output_metric(model, names, train, FitConfig(images=study.calib_images), image_size=image_size)

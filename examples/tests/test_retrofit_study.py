@@ -213,10 +213,11 @@ def test_the_most_sharing_within_half_a_point_is_named() -> None:
     by: dict[tuple[str, str, str, str], list[retrofit_study.Record]] = defaultdict(list)
     for r in records:
         by[(r.baseline, r.policy, r.init, r.stage + (f"|{r.steps}" if r.stage == "finetuned" else ""))].append(r)
-    lines = _most_sharing("B", 0.90, by, {"steps": 100})
+    params = {r.policy: r.params for r in records}
+    lines = _most_sharing("B", 0.90, by, {"steps": 100}, params)
     assert lines == ["- Most sharing within 0.5 points of untied after at most 5% of the baseline's steps: `middle`, "
                      "2.00x fewer parameters, 89.70% after 5 steps.",
                      "- Most sharing within 1 point of untied after at most 5% of the baseline's steps: `middle`, "
                      "2.00x fewer parameters, 89.70% after 5 steps."]
-    far = _most_sharing("B", 0.95, by, {"steps": 100})
+    far = _most_sharing("B", 0.95, by, {"steps": 100}, params)
     assert far[0].startswith("- No plan here comes within 0.5 or 1 point") and "`large`" in far[0] and len(far) == 1
