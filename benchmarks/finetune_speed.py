@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import kshare
+from kshare.data import FASHION_MNIST_ROOT, adapter_for, load_data
 from kshare.models.zoo import load_model
 from kshare.training.config import TrainConfig
-from kshare.training.data import FASHION_MNIST_ROOT, adapter_for, load_data
 from kshare.training.loop import finetune
 from kshare.training.precision import Setup, candidates
 

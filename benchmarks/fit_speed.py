@@ -20,9 +20,9 @@ import warnings
 import torch
 
 import kshare
+from kshare import FitConfig, fit_and_tie
+from kshare.data import ImageData
 from kshare.models.zoo import load_model
-from kshare.training.data import ImageData
-from kshare.training.retrofit import FitConfig, fit_and_tie
 
 CASES = ["resnet18:stage:32", "resnet50:stage:224"]
 CPU_MODES = {"resnet50": ("oneshot",)}  # the sequential fit's passes over a 224x224 resnet50 take a GPU

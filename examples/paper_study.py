@@ -27,8 +27,8 @@ from rich.console import Console
 from torch import nn
 
 from kshare import TrainConfig, evaluate, finetune, load, load_data, load_model, plan, tie
+from kshare.data import Adapter, ImageData, input_channels
 from kshare.errors import StudyError
-from kshare.training.data import Adapter, ImageData, input_channels
 
 STUDY_FORMAT = "kshare.study/1"
 

@@ -16,9 +16,9 @@ checkpoint is there), then tied with each policy (`stage`, `all`, and a budget p
 `stage`'s stored size, or `budget≈N%`, to N% of the untied network's, plain and with
 `lora:auto`, grouped by weight error or, `@data`, by output error on the calibration images)
 and each init: the weight-space `mean` and
-`norm_mean`, and the data-aware one-shot and sequential fits (`kshare.training.retrofit`), each
+`norm_mean`, and the data-aware one-shot and sequential fits (`kshare.fit.order`), each
 from a calibration sample per seed; `reconstructed` is the sequential fit followed by block
-reconstruction on the same images (`kshare.training.reconstruct`, BatchNorm re-estimated
+reconstruction on the same images (`kshare.fit.blocks`, BatchNorm re-estimated
 first). Every point is measured right after tying, after BatchNorm recalibration on the same
 calibration images, and (for the `finetune_inits`) after short distillation fine-tunes of a
 share of the baseline's own optimiser steps. Every record goes to the JSON as it is made; a
@@ -45,12 +45,10 @@ from paper_study import Arch, machine
 from torch import nn
 
 import kshare
+from kshare.data import adapter_for
 from kshare.errors import KShareError, StudyError
+from kshare.fit import FitConfig, output_metric
 from kshare.sweep import matched_budget
-from kshare.training.calibrate import recalibrate_on
-from kshare.training.data import adapter_for
-from kshare.training.retrofit import FitConfig, fit_and_tie, output_metric
-from kshare.training.statistics import calibration_batches
 
 STUDY_FORMAT = "kshare.retrofit-study/1"
 INITS = ("mean", "norm_mean", "oneshot", "sequential")
@@ -323,7 +321,7 @@ def run_study(study: Study, path: Path, work: Path, log: Any = print) -> list[Re
         file.notes[base.label] = record
         size = base.image_size
         adapter = adapter_for(model, test, size)
-        channels = kshare.training.input_channels(model)
+        channels = kshare.data.input_channels(model)
         shape = (channels, *(adapter.size or test.shape[1:]))
 
         def accuracy(net: nn.Module, adapter: Any = adapter) -> float:
@@ -358,19 +356,17 @@ def run_study(study: Study, path: Path, work: Path, log: Any = print) -> list[Re
                         pending.append((policy, init, seed, missing))
                     if f"{prefix}|recalibrated" in file.records:
                         continue
-                    tied, seconds, error = _tie(model, plan, init, train, study, seed, size)
+                    tied, report = _retrofit(model, plan, init, train, test, study, seed, size)
+                    acc_tied, acc_recal, seconds, error = _figures(report)
                     params = sum(p.numel() for p in tied.parameters())
                     first = file.records.get(f"{base.label}|{policy}|{init}|{study.seeds[0]}|tied")
                     same = first is not None and init in ("mean", "norm_mean")  # no data: the same model as seed 0
                     file.add(Record(f"{prefix}|tied", base.label, policy, init, seed, "tied",
-                                    first.acc if same and first else accuracy(tied), params, seconds=seconds,
+                                    first.acc if same and first else acc_tied, params, seconds=seconds,
                                     output_error=error))
-                    start = time.perf_counter()
-                    if init != "reconstructed":  # which re-estimated BatchNorm before its steps
-                        _recalibrate(tied, train, study, seed, size)
+                    recal = report.step("BatchNorm recalibrated")
                     file.add(Record(f"{prefix}|recalibrated", base.label, policy, init, seed, "recalibrated",
-                                    file.records[f"{prefix}|tied"].acc if init == "reconstructed" else accuracy(tied),
-                                    params, seconds=time.perf_counter() - start, output_error=error))
+                                    acc_recal, params, seconds=recal.seconds if recal else 0.0, output_error=error))
                     log(f"{prefix}: tied {file.records[prefix + '|tied'].acc:.4f}, recalibrated "
                         f"{file.records[prefix + '|recalibrated'].acc:.4f} ({seconds:.1f} s)")
                     if missing:
@@ -381,9 +377,8 @@ def run_study(study: Study, path: Path, work: Path, log: Any = print) -> list[Re
             if prefix in waiting:
                 tied, error = waiting.pop(prefix)
             else:  # fitted by an interrupted run: fitted again (same seed, same images) to start from the same model
-                tied, _, error = _tie(model, chosen[policy], init, train, study, seed, size)
-                if init != "reconstructed":
-                    _recalibrate(tied, train, study, seed, size)
+                tied, report = _retrofit(model, chosen[policy], init, train, test, study, seed, size)
+                error = _figures(report)[3]
             params = sum(p.numel() for p in tied.parameters())
             for share in missing:
                 key = f"{prefix}|finetuned|{share:g}"
@@ -402,25 +397,36 @@ def run_study(study: Study, path: Path, work: Path, log: Any = print) -> list[Re
     return list(file.records.values())
 
 
-def _recalibrate(tied: nn.Module, train: kshare.ImageData, study: Study, seed: int, size: int | None) -> None:
-    recalibrate_on(tied, calibration_batches(train, study.calib_images, 256, adapter_for(tied, train, size),
-                                             torch.device("cpu"), seed))
-
-
-def _tie(model: nn.Module, plan: kshare.SharingPlan, init: str, train: kshare.ImageData, study: Study, seed: int,
-         size: int | None) -> tuple[nn.Module, float, float | None]:
+def _retrofit(model: nn.Module, plan: kshare.SharingPlan, init: str, train: kshare.ImageData,
+              test: kshare.ImageData, study: Study, seed: int, size: int | None
+              ) -> tuple[nn.Module, kshare.RetrofitReport]:
+    """A copy of `model` through the one pipeline: tied by a weight-space init or a data fit, BatchNorm
+    re-estimated on the seed's fit images, then (`reconstructed`: the sequential fit) each unit of
+    blocks trained; test accuracy after every step."""
     tied = copy.deepcopy(model)
-    start = time.perf_counter()
-    if init in ("mean", "norm_mean"):
-        kshare.tie(tied, plan, init=init)
-        return tied, time.perf_counter() - start, None
-    # `reconstructed`: the sequential fit, BatchNorm re-estimated, then each unit of blocks trained
-    reconstructed = init == "reconstructed"
-    config = FitConfig(mode="sequential" if reconstructed else init, images=study.calib_images, seed=seed,
-                       recalibrate=reconstructed, reconstruct=study.reconstruct if reconstructed else 0)
-    report = fit_and_tie(tied, plan, train, config, image_size=size)
-    fitted = [g.output_error for g in report.groups if g.fitted]
-    return tied, report.seconds, sum(fitted) / max(len(fitted), 1)
+    fit = None
+    if init not in ("mean", "norm_mean"):
+        reconstructed = init == "reconstructed"
+        fit = FitConfig(mode="sequential" if reconstructed else init, images=study.calib_images, seed=seed,
+                        reconstruct=study.reconstruct if reconstructed else 0)
+    report = kshare.retrofit(tied, plan, train, fit=fit, init=init if fit is None else None,
+                             recalibrate=kshare.RecalibrateConfig(study.calib_images, 256, seed), test=test,
+                             held_out=0, image_size=size, measure_untied=False, device="cpu")
+    return tied, report
+
+
+def _figures(report: kshare.RetrofitReport) -> tuple[float, float, float, float | None]:
+    """Accuracy right after tying (or fitting, or reconstruction), after recalibration, the seconds of
+    the tie and the groups' mean output error (data fits)."""
+    first = report.step("blocks reconstructed") or report.steps[0]
+    recalibrated = report.step("blocks reconstructed") or report.step("BatchNorm recalibrated") or first
+    assert first.accuracy is not None and recalibrated.accuracy is not None
+    error = None
+    if report.fit is not None:
+        fitted = [g.output_error for g in report.fit.groups if g.fitted]
+        error = sum(fitted) / max(len(fitted), 1)
+    seconds = report.fit.seconds if report.fit is not None else report.steps[0].seconds
+    return first.accuracy, recalibrated.accuracy, seconds, error
 
 
 def main(argv: list[str] | None = None) -> int:

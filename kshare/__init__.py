@@ -3,14 +3,17 @@
 The layers, bottom up (each imports only those below it): `kshare.kernels` (shared-kernel
 arithmetic), `kshare.analysis` (signatures, inspection), `kshare.models` (building models by
 name), `kshare.planning` (configs, planners, the plan data), `kshare.surgery` (apply a plan,
-relaxed members, fold), `kshare.io` (checkpoints, exports), `kshare.training` (data, the
-loop, calibration), then `kshare.api` and `kshare.sweep`, and the CLI (`kshare.cli`) on top.
-This module re-exports what users call.
+relaxed members, fold), `kshare.io` (checkpoints, exports), `kshare.data` (where images come
+from, how a model is fed), `kshare.fit` (shared kernels from data, BatchNorm recalibration,
+block reconstruction, fidelity), `kshare.training` (fine-tuning), then `kshare.retrofit` (the
+one pipeline), `kshare.api` and `kshare.sweep`, and the CLI (`kshare.cli`) on top. This module
+re-exports what users call.
 """
 
 from kshare._version import __version__
 from kshare.analysis import ConvSite, Inspection, Signature, inspect_model
 from kshare.api import Analysis, analyze, plan, tie
+from kshare.data import ImageData, as_image_data, load_data
 from kshare.errors import (
     CheckpointError,
     DataError,
@@ -25,6 +28,7 @@ from kshare.errors import (
     TrainingError,
     WeightsError,
 )
+from kshare.fit import Fidelity, FitConfig, FitReport, measure_fidelity, recalibrate_bn
 from kshare.io import export_onnx, export_safetensors, load, save
 from kshare.models.zoo import ModelSpec, load_model
 from kshare.planning import (
@@ -40,9 +44,9 @@ from kshare.planning import (
     build_plan,
     parse_config,
 )
+from kshare.retrofit import RecalibrateConfig, RetrofitReport, Step, fit_and_tie, retrofit
 from kshare.surgery import apply_plan, fold, plan_of, untie
-from kshare.training import ImageData, TrainConfig, evaluate, finetune, load_data, recalibrate_bn
-from kshare.training.retrofit import FitConfig, FitReport, fit_and_tie
+from kshare.training import TrainConfig, evaluate, finetune
 
 __all__ = [
     "Analysis",
@@ -51,6 +55,7 @@ __all__ = [
     "ConvSite",
     "DataError",
     "ExportError",
+    "Fidelity",
     "FitConfig",
     "FitReport",
     "Group",
@@ -66,10 +71,13 @@ __all__ = [
     "Policy",
     "PolicyError",
     "PositionalConfig",
+    "RecalibrateConfig",
     "Relaxation",
+    "RetrofitReport",
     "SharingConfig",
     "SharingPlan",
     "Signature",
+    "Step",
     "Totals",
     "TrainConfig",
     "TrainingError",
@@ -78,6 +86,7 @@ __all__ = [
     "__version__",
     "analyze",
     "apply_plan",
+    "as_image_data",
     "build_plan",
     "evaluate",
     "export_onnx",
@@ -89,10 +98,12 @@ __all__ = [
     "load",
     "load_data",
     "load_model",
+    "measure_fidelity",
     "parse_config",
     "plan",
     "plan_of",
     "recalibrate_bn",
+    "retrofit",
     "save",
     "tie",
     "untie",

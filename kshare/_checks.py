@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from kshare.errors import KShareError
+from kshare.errors import KShareError, TrainingError, param
 
 T = TypeVar("T")
 _REQUIRED: Any = object()
@@ -109,3 +109,13 @@ def items(kind: str, test: Callable[[Any], bool], error: type[KShareError]) -> C
         return value
 
     return check
+
+
+def finite_number(name: str, value: object, low: float, high: float, low_open: bool = False,
+                  high_open: bool = False) -> None:
+    """A setting that must be a finite number in a range (a `TrainingError` naming it otherwise)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        raise TrainingError(f"{param(name)} must be a finite number in {left}{low:g}, {high:g}{right}, got {value!r}")

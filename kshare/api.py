@@ -10,17 +10,17 @@ import torch
 from torch import nn
 
 from kshare.analysis.inspect import Inspection, inspect_model
+from kshare.data import ImageSource
 from kshare.errors import PlanError, param
+from kshare.fit.config import FitConfig
 from kshare.kernels import FITTED
 from kshare.models.zoo import ModelSpec, default_input_size, load_model, spec_of
-from kshare.planning.config import BudgetConfig, SharingConfig, parse_config
-from kshare.planning.plan import SharingPlan, with_relaxation
+from kshare.planning.config import SharingConfig, parse_config
+from kshare.planning.kernel_error import with_errors
+from kshare.planning.plan import SharingPlan
 from kshare.planning.planner import build_plan
-from kshare.planning.reconstruction import with_errors
-from kshare.planning.relaxation import Relaxation
+from kshare.retrofit import retrofit
 from kshare.surgery.tie import apply_plan, plan_of, with_init
-from kshare.training.data import ImageData
-from kshare.training.retrofit import FitConfig, fit_and_tie, output_metric
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def analyze(
     the conv parameters); keyword `options` (`match`, `include`, `exclude`, `min_size`,
     `share_bias`, `relax`) replace the config's fields. A relaxation (`relax="lora:4"`) is
     counted in the totals, and in a budget. `spec` records where a module came from (set
-    automatically when `model` is a name). `metric` (`kshare.training.retrofit.output_metric`)
+    automatically when `model` is a name). `metric` (`kshare.fit.order.output_metric`)
     makes a budget plan group by output error on real images.
     """
     if isinstance(model, str):
@@ -73,7 +73,7 @@ def tie(
     *,
     init: str | None = None,
     input_size: Sequence[int] | str | None = None,
-    calib: ImageData | None = None,
+    calib: ImageSource | None = None,
     fit: FitConfig | None = None,
     **options: object,
 ) -> nn.Module:
@@ -95,11 +95,19 @@ def tie(
 
     `calib` (images; labels are not read) fits each shared kernel, and each relaxation, to what
     the members output on those images instead, then re-estimates BatchNorm statistics there
-    (`kshare.training.retrofit`; `fit` says how): a trained network keeps what it knew. The
+    (`kshare.retrofit`; `fit` says how): a trained network keeps what it knew. The
     plan then records each group's output error next to its weight error.
     """
     if plan_of(model) is not None:
         raise PlanError("model is already tied by kshare: call kshare.untie(model) before tying it again")
+    if calib is not None:
+        if init is not None:
+            raise PlanError(f"a fit to data computes each shared kernel: give {param('init')} or "
+                            f"{param('calib')}, not both")
+        relax = options.pop("relax", None)
+        retrofit(model, plan, calib, fit=fit or FitConfig(), relax=relax, held_out=0, input_size=input_size,  # type: ignore[arg-type]
+                 **options)
+        return model
     relax = None
     if isinstance(plan, SharingPlan):
         relax = options.pop("relax", None)
@@ -107,22 +115,8 @@ def tie(
             raise PlanError(f"policy options {sorted(options)} apply to a policy, not to a ready plan")
         chosen = plan
     else:
-        config = parse_config(plan, **options)
-        metric = None
-        if calib is not None and isinstance(config, BudgetConfig):  # group by output error on the same images
-            size = input_size if input_size is not None else default_input_size(model, spec_of(model))
-            names = [s.name for s in inspect_model(model, size).sites]
-            metric = output_metric(model, names, calib, fit or FitConfig())
-        chosen = analyze(model, config, input_size=input_size, metric=metric).plan
+        chosen = analyze(model, parse_config(plan, **options), input_size=input_size).plan
     chosen.validate(model)
-    if calib is not None:
-        if init is not None:
-            raise PlanError(f"a fit to data computes each shared kernel: give {param('init')} or "
-                            f"{param('calib')}, not both")
-        if relax is not None:
-            chosen = with_relaxation(chosen, Relaxation.parse(relax))
-        fit_and_tie(model, chosen, calib, fit or FitConfig())
-        return model
     if init is None and any(g.init == FITTED for g in chosen.groups):
         raise PlanError(f"this plan's kernels were fitted to data: pass images as {param('calib')} to fit them "
                         f"again, or name a weight-space {param('init')}")

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 INITS = ("first", "mean", "medoid", "norm_mean")
-FITTED = "data"  # a group whose shared kernel was fitted to calibration data (kshare.training.retrofit)
+FITTED = "data"  # a group whose shared kernel was fitted to calibration data (kshare.fit.order)
 
 
 def shared_kernel(conv: nn.Module) -> torch.Tensor:

@@ -29,6 +29,7 @@ from torch import nn
 
 from kshare.analysis.inspect import Inspection
 from kshare.api import analyze
+from kshare.data import ImageData, adapter_for, input_channels
 from kshare.errors import PlanError, StudyError, param
 from kshare.io.checkpoint import save
 from kshare.models.zoo import spec_of
@@ -37,12 +38,10 @@ from kshare.planning.config import PositionalConfig, SharingConfig, parse_config
 from kshare.planning.plan import SharingPlan
 from kshare.planning.relaxation import Relaxation
 from kshare.progress import ProgressFn
+from kshare.retrofit import RecalibrateConfig, retrofit
 from kshare.surgery.tie import apply_plan, plan_of
-from kshare.training.calibrate import recalibrate_bn
 from kshare.training.config import TrainConfig
-from kshare.training.data import ImageData, adapter_for, input_channels
 from kshare.training.evaluate import evaluate
-from kshare.training.loop import finetune
 
 log = logging.getLogger(__name__)
 
@@ -202,12 +201,10 @@ def run_sweep(model: nn.Module, train: ImageData, test: ImageData, config: Sweep
     model = model.cpu().eval()
     channels = input_channels(model)
     test_adapter = adapter_for(model, test, config.image_size)
-    calibration_adapter = adapter_for(model, train, config.image_size)
     points = _points(model, config, (channels, *(test_adapter.size or test.shape[1:])))
     rows: list[SweepRow] = []
     start = time.perf_counter()
     base_acc = evaluate(model, test, test_adapter)["acc"]
-    teacher = copy.deepcopy(model)  # finetune freezes its teacher: never hand it the model we copy from
     with tempfile.TemporaryDirectory() as tmp:
         params = sum(p.numel() for p in model.parameters())
         rows.append(SweepRow("untied", "none", "none", None, params, save(copy.deepcopy(model),
@@ -221,23 +218,19 @@ def run_sweep(model: nn.Module, train: ImageData, test: ImageData, config: Sweep
                 continue
             runs = [(loss, seed) for seed in config.seeds for loss in config.losses] if config.epochs > 0 else [
                 (None, config.seeds[0])]
-            acc_tied = None
             for loss, seed in runs:
                 t0 = time.perf_counter()
-                tied = apply_plan(copy.deepcopy(model), plan, init=config.init, relax=relax)
-                if config.calibrate:
-                    recalibrate_bn(tied, train, images=config.calibrate, batch_size=config.batch_size,
-                                   adapter=calibration_adapter)
-                if acc_tied is None:  # tying is deterministic: the same for every seed and loss
-                    acc_tied = evaluate(tied, test, test_adapter)["acc"]
-                history: list[dict[str, Any]] = []
-                acc = acc_tied
-                if loss is not None:
-                    train_config = TrainConfig(epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
-                                               distill=loss == "kd", seed=seed, image_size=config.image_size)
-                    summary = finetune(tied, train, test, train_config, Path(tmp) / f"p{index}.pt",
-                                       teacher=teacher if loss == "kd" else None, progress=progress)
-                    history, acc = summary["history"], summary["history"][-1]["test_acc"]
+                tied = copy.deepcopy(model)
+                train_config = None if loss is None else TrainConfig(
+                    epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, distill=loss == "kd", seed=seed,
+                    image_size=config.image_size)
+                recal = RecalibrateConfig(config.calibrate, config.batch_size) if config.calibrate else False
+                report = retrofit(tied, plan, train, fit=None, init=config.init, relax=relax, recalibrate=recal,
+                                  finetune=train_config, test=test, held_out=0, image_size=config.image_size,
+                                  out=Path(tmp) / f"p{index}.pt", measure_untied=False, progress=progress)
+                before = report.step("BatchNorm recalibrated") or report.steps[0]  # after tying
+                acc_tied, acc, history = before.accuracy, report.final.accuracy, list(report.history)
+                assert acc_tied is not None and acc is not None
                 path = save(tied.cpu(), Path(tmp) / f"s{index}.pt")
                 tied_plan = plan_of(tied)  # the plan with the relaxation counted
                 assert tied_plan is not None

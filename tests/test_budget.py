@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 import kshare
 from kshare.cli import app
 from kshare.errors import PlanError, PolicyError
+from kshare.planning.kernel_error import total_error
 from kshare.planning.plan import SharingPlan
-from kshare.planning.reconstruction import total_error
 from kshare.training.config import TrainConfig
 from kshare.training.loop import finetune
 

@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 import kshare
 from kshare.cli import app
+from kshare.data import Adapter
+from kshare.fit.batchnorm import batch_norms, recalibrate_bn
 from kshare.sweep import SweepConfig, run_sweep
-from kshare.training.calibrate import batch_norms, recalibrate_bn
-from kshare.training.data import Adapter
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +72,16 @@ def test_a_model_without_batchnorm_is_left_alone(tmp_path: Path) -> None:
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     path = tmp_path / "plain.pt"
     kshare.save(kshare.load_model("squeezenet1_0", {"num_classes": 10})[0], path)  # no BatchNorm at all
-    result = CliRunner().invoke(app, ["calibrate", str(path), "--data", "digits"])
+    result = CliRunner().invoke(app, ["recalibrate", str(path), "--data", "digits"])
     assert result.exit_code == 2 and "no BatchNorm" in result.output
-    result = CliRunner().invoke(app, ["calibrate", str(path), "--data", "digits", "--images", "0"])
+    result = CliRunner().invoke(app, ["recalibrate", str(path), "--data", "digits", "--images", "0"])
     assert result.exit_code == 2 and "--images" in result.output
 
 
 def test_cli_calibrate_writes_the_recalibrated_checkpoint(trained: Path, tmp_path: Path) -> None:
     tied_path, out = tmp_path / "tied.pt", tmp_path / "cal.pt"
     kshare.save(kshare.tie(kshare.load(trained), "chunk:2", init="mean"), tied_path)
-    result = CliRunner().invoke(app, ["calibrate", str(tied_path), "--data", "digits", "--images", "512",
+    result = CliRunner().invoke(app, ["recalibrate", str(tied_path), "--data", "digits", "--images", "512",
                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "recalibrated" in result.output and "512 digits images" in result.output

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import kshare
-from kshare.training.data import FASHION_MNIST_ROOT, Adapter, load_data
+from kshare.data import FASHION_MNIST_ROOT, Adapter, load_data
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

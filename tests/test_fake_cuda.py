@@ -17,9 +17,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 import kshare
+from kshare import FitConfig, fit_and_tie
 from kshare.cli import app
 from kshare.models.zoo import load_model
-from kshare.training.retrofit import FitConfig, fit_and_tie
 
 FACTORY = f"{Path(__file__).parent / 'conftest.py'}:make_residual_bn_used"
 

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 import kshare
+from kshare.data import load_data
 from kshare.errors import TrainingError
+from kshare.fit.features import FeatureTaps, feature_loss, feature_points, matched_features
 from kshare.models.zoo import load_model
 from kshare.training.config import TrainConfig
-from kshare.training.data import load_data
-from kshare.training.features import FeatureTaps, feature_loss, feature_points, matched_features
 from kshare.training.loop import finetune
 
 

@@ -267,8 +267,8 @@ BAD_OTHERS = [
     (["eval", "{ckpt}", "--data", "digits", "--batch-size", "0"], "--batch-size"),
     (["eval", "{ckpt}", "--data", "digits", "--device", "bogus"], "unknown device"),
     (["eval", "{ckpt}", "--data", "digits", "--limit-test", "-1"], "--limit-test"),
-    (["calibrate", "{ckpt}", "--data", "digits", "--images", "0"], "--images"),
-    (["calibrate", "{ckpt}", "--data", "digits", "--batch-size", "0"], "--batch-size"),
+    (["recalibrate", "{ckpt}", "--data", "digits", "--images", "0"], "--images"),
+    (["recalibrate", "{ckpt}", "--data", "digits", "--batch-size", "0"], "--batch-size"),
     (["analyze", ".foo:bar"], "bad model reference"), (["analyze", ":x"], "bad model reference"),
     (["analyze", "foo:"], "bad model reference"), (["analyze", "a b:c"], "bad model reference"),
     (["analyze", "resnet18", "-g", "chunk:\u0663"], "chunk"),
@@ -486,7 +486,7 @@ def test_a_full_disk_is_one_error_and_loses_nothing(digits_ckpt: Path, tmp_path:
         ["apply", MIXER[0], "-k", "in_chans=1", "-g", "all", "--out", target],
         ["finetune", digits_ckpt, "--data", "digits", "--limit-train", "64", "--limit-test", "32", "--out", target],
         ["fold", relaxed_ckpt, "--out", target],
-        ["calibrate", digits_ckpt, "--data", "digits", "--images", "64", "--out", target],
+        ["recalibrate", digits_ckpt, "--data", "digits", "--images", "64", "--out", target],
     ]
     for command in commands:
         one_error(*cli(*command), "no space left")

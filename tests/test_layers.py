@@ -19,8 +19,10 @@ LAYERS = (
     ("planning", ("kshare.planning",)),
     ("surgery", ("kshare.surgery",)),
     ("io", ("kshare.io",)),
+    ("data", ("kshare.data",)),
+    ("fit", ("kshare.fit",)),
     ("training", ("kshare.training",)),
-    ("api", ("kshare.api", "kshare.sweep")),
+    ("api", ("kshare.retrofit", "kshare.api", "kshare.sweep")),
     ("cli", ("kshare.cli",)),
 )
 # The surgery layer reads plans; it must not reach the planners.

@@ -15,15 +15,15 @@ from torch import nn
 from typer.testing import CliRunner
 
 import kshare
+from kshare import FitConfig, fit_and_tie
 from kshare.cli import app
+from kshare.data import adapter_for
 from kshare.errors import TrainingError
+from kshare.fit.blocks import held_out_images, reconstruct, reconstruction_units
+from kshare.fit.features import FeatureTaps, feature_loss, feature_points
+from kshare.fit.statistics import fit_batches
 from kshare.models.zoo import load_model
 from kshare.surgery.tie import verify_tied
-from kshare.training.data import adapter_for
-from kshare.training.features import FeatureTaps, feature_loss, feature_points
-from kshare.training.reconstruct import held_out_images, reconstruct, reconstruction_units
-from kshare.training.retrofit import FitConfig, fit_and_tie
-from kshare.training.statistics import calibration_batches
 
 
 class Blocks(nn.Module):
@@ -88,7 +88,7 @@ def test_reconstruction_approaches_the_untied_outputs(trained: nn.Module, digits
     assert unit.steps == 60 and unit.error < 0.9 * unit.start_error
     assert unit.kept and unit.network_error < 0.8 * unit.network_start_error  # the whole network's output came closer
     assert unit.parameters == sum(p.numel() for p in rebuilt.blocks.parameters())  # the shared kernel once
-    calib = calibration_batches(train, 256, 128, adapter_for(trained, train), torch.device("cpu"))
+    calib = fit_batches(train, 256, 128, adapter_for(trained, train), torch.device("cpu"))
     held_out = [adapter_for(trained, test)(test.images[i:i + 128]) for i in range(0, 384, 128)]
     for batches in (calib, held_out):  # better than the closed form alone, on images it never saw too
         assert _block_error(rebuilt, trained, batches) < _block_error(fitted, trained, batches)
@@ -121,7 +121,7 @@ def test_reconstructed_models_round_trip(trained: nn.Module, digits, tmp_path: P
 def test_training_mode_is_restored_and_bad_settings_are_refused(trained: nn.Module, digits) -> None:
     train, _ = digits
     model = kshare.tie(copy.deepcopy(trained), "all", input_size=(1, 8, 8)).train()
-    batches = calibration_batches(train, 64, 64, adapter_for(trained, train), torch.device("cpu"))
+    batches = fit_batches(train, 64, 64, adapter_for(trained, train), torch.device("cpu"))
     running = model.blocks[0][1].running_mean.clone()
     reconstruct(model, trained, batches, steps=2)
     assert model.training and not trained.training
@@ -168,7 +168,7 @@ def test_cli_apply_and_retrofit_reconstruct(trained: nn.Module, tmp_path: Path) 
     assert unit["images"] == 700 and unit["steps"] == 5
     for bad, words in ((("--reconstruct-images", "0", "--reconstruct", "5"), "--reconstruct-images"),
                        (("--reconstruct-images", "300"), "--reconstruct STEPS"),
-                       (("--reconstruct-images", "100000", "--reconstruct", "5"), "calibration images")):
+                       (("--reconstruct-images", "100000", "--reconstruct", "5"), "reconstruction for more")):
         code, out = cli("retrofit", *model, "--data", "digits", "--calib-images", "128", *bad, "--out",
                         tmp_path / "bad.pt")
         errors = [line for line in out.splitlines() if line.startswith("error: ")]
@@ -194,9 +194,9 @@ def test_steps_that_worsen_the_networks_output_are_undone(digits, tmp_path: Path
     model.eval()
     fitted = copy.deepcopy(model)
     fit_and_tie(fitted, kshare.plan(model, "all", input_size=(1, 8, 8)), train, FitConfig(images=128))
-    batches = calibration_batches(train, 128, 128, adapter_for(model, train), torch.device("cpu"))
+    batches = fit_batches(train, 128, 128, adapter_for(model, train), torch.device("cpu"))
     blocks_only = copy.deepcopy(fitted)
-    with caplog.at_level("WARNING", logger="kshare.training.reconstruct"):
+    with caplog.at_level("WARNING", logger="kshare.fit.blocks"):
         (unit,) = reconstruct(blocks_only, model, batches, steps=100, output_weight=0.0)
     assert unit.error < unit.start_error and unit.network_error > unit.network_start_error and not unit.kept
     assert "undone" in caplog.text

@@ -15,11 +15,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 import kshare
+from kshare import FitConfig, fit_and_tie
 from kshare.cli import app
+from kshare.data import adapter_for
+from kshare.fit.statistics import GRAM_BLOCK, add_gram, collect, fit_batches, patches
 from kshare.kernels import output_error, shared_fit
-from kshare.training.data import adapter_for
-from kshare.training.retrofit import FitConfig, fit_and_tie
-from kshare.training.statistics import GRAM_BLOCK, add_gram, calibration_batches, collect, patches
 
 
 def cli(*args: object) -> tuple[int, str]:
@@ -124,7 +124,7 @@ def test_fitted_outputs_are_never_worse_than_the_mean_kernel(trained: nn.Module,
     fitted = copy.deepcopy(trained)
     report = fit_and_tie(fitted, plan, train, FitConfig(mode="oneshot", images=256, recalibrate=False,
                                                         weighting="none", compensate=False, positions=10**6))
-    batches = calibration_batches(train, 256, 128, adapter_for(trained, train), torch.device("cpu"))
+    batches = fit_batches(train, 256, 128, adapter_for(trained, train), torch.device("cpu"))
     before, after = _member_errors(trained, mean, plan, batches), _member_errors(trained, fitted, plan, batches)
     for group in plan.groups:
         assert after[group.name] <= before[group.name] * 1.001, group.name
@@ -171,7 +171,7 @@ def test_sequential_fits_the_tied_networks_inputs(digits, tmp_path: Path) -> Non
         fit_and_tie(tied, plan, train, FitConfig(mode=mode, images=256, recalibrate=False, compensate=False,
                                                  positions=10**6))
         fits[mode] = tied
-    batches = calibration_batches(train, 256, 128, adapter_for(model, train), torch.device("cpu"))
+    batches = fit_batches(train, 256, 128, adapter_for(model, train), torch.device("cpu"))
     names = list(plan.groups[1].members)
     errors = {}
     for mode, tied in fits.items():
@@ -249,12 +249,17 @@ def test_cli_apply_fit_data_and_its_errors(trained: nn.Module, digits, tmp_path:
     common = ["apply", factory, "-k", "in_chans=1", "-k", "width=16", "--weights", base, "-g", "all"]
     code, out = cli(*common, "--fit", "data", "--data", "digits", "--calib-images", "256", "--out", tmp_path / "f.pt")
     assert code == 0 and "output error" in out and "fitted 1 of 1 groups to 256 images" in out, out
+    assert "top-1 agreement" in out and "on 256 held-out images" in out, out  # fidelity, without labels
+    info = kshare.io.checkpoint.summarize(tmp_path / "f.pt")["retrofit"]
+    assert info["fit_images"] == 256 and info["steps"][-1]["fidelity"]["images"] == 256  # kept in the checkpoint
+    # more images asked for than the data holds: a quarter held out, the rest fitted, and said
+    code, out = cli(*common, "--fit", "data", "--data", "digits", "--fit-images", "100000", "--out", tmp_path / "g.pt")
+    assert code == 0 and "digits holds 1,437 images: the fit reads 1,181 of the 100,000 asked for" in out, out
     for args, words in (
         (["--fit", "data", "--data", "no-such-data"], "unknown dataset"),
         (["--fit", "data", "--data", "imagefolder:/no/such/folder"], "not found"),
         (["--fit", "data"], "--data"),
         (["--fit", "data", "--data", "digits", "--init", "mean"], "--init"),
-        (["--fit", "data", "--data", "digits", "--calib-images", "100000"], "calibration images"),
         (["--fit", "maybe", "--data", "digits"], "--fit"),
         (["--data", "digits"], "--fit data"),
         (["--fit", "data", "--data", "digits", "--fit-mode", "twice"], "fit mode"),
@@ -298,8 +303,8 @@ def test_unlabelled_images_fit_and_recalibrate(trained: nn.Module, tmp_path: Pat
 def test_budget_plans_by_output_error(trained: nn.Module, digits) -> None:
     """With output statistics, a budget plan clusters kernels in the space where squared distance
     is relative output error, and allots delta ranks by the output error each removes."""
-    from kshare.planning.reconstruction import output_vectors
-    from kshare.training.retrofit import output_metric
+    from kshare.fit.order import output_metric
+    from kshare.planning.kernel_error import output_vectors
 
     train, _ = digits
     names = [s.name for s in kshare.inspect_model(trained, (1, 8, 8)).sites]
@@ -325,15 +330,18 @@ def test_cli_retrofit_reports_every_step(trained: nn.Module, tmp_path: Path) -> 
     kshare.save(trained, base)
     factory = f"{Path(__file__).parent / 'conftest.py'}:make_residual_bn_used"
     code, out = cli("retrofit", factory, "-k", "in_chans=1", "-k", "width=16", "--weights", base, "-g", "all",
-                    "--data", "digits", "--calib-images", "256", "--epochs", "1", "--limit-train", "256", "--json",
+                    "--data", "digits", "--calib-images", "256", "--epochs", "1", "--limit-train", "600", "--json",
                     "--warmup", "0.5", "--out", tmp_path / "r.pt")
     assert code == 0, out
     report = json.loads(out.strip().splitlines()[-1])
     steps = [s["step"] for s in report["steps"]]
-    assert steps[:3] == ["untied", "tied (mean init)", "fitted (sequential)"] and steps[-1].startswith("fine-tuned")
+    assert steps[:2] == ["untied", "fitted (sequential)"] and steps[-1].startswith("fine-tuned")
     accs = {s["step"]: s["test_acc"] for s in report["steps"]}
     # fitted for a network whose BatchNorm is then re-estimated: together they keep more than the mean kernel
-    assert accs["BatchNorm recalibrated"] > accs["tied (mean init)"]
+    mean = kshare.tie(copy.deepcopy(trained), "all", init="mean", input_size=(1, 8, 8))
+    assert accs["BatchNorm recalibrated"] > kshare.evaluate(mean, kshare.load_data("digits", "test"))["acc"]
+    held = [s["fidelity"] for s in report["steps"] if s["fidelity"]]  # labelled data: fidelity on held-out images too
+    assert held and all(f["images"] == 256 and 0 <= f["top1"] <= f["top5"] <= 1 for f in held)
     assert kshare.load(tmp_path / "r.pt", _fresh()) is not None and report["plan"]["groups"][0]["init"] == "data"
     tuned = torch.load(tmp_path / "r.pt", weights_only=True)["extra"]["finetune"]["config"]
     assert tuned["warmup_epochs"] == 0.5 and tuned["distill"]  # the fine-tune ran as asked

@@ -18,12 +18,12 @@ from typer.testing import CliRunner
 
 import kshare
 from kshare.cli import app
+from kshare.data import FASHION_MNIST_ROOT, Adapter, ImageData, load_data
 from kshare.errors import TrainingError
 from kshare.kernels import shared_kernel
 from kshare.models.zoo import load_model
 from kshare.surgery.tie import plan_of
 from kshare.training.config import TrainConfig
-from kshare.training.data import FASHION_MNIST_ROOT, Adapter, ImageData, load_data
 from kshare.training.evaluate import evaluate
 from kshare.training.loop import distill_loss, finetune, fingerprint, parameters_without_grad
 from kshare.training.resume import config_changes, state_path, sync_metrics

@@ -11,7 +11,7 @@ from types import ModuleType
 import paper_study
 import pytest
 
-from kshare.training.data import FASHION_MNIST_ROOT
+from kshare.data import FASHION_MNIST_ROOT
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not FASHION_MNIST_ROOT.is_dir() and not os.environ.get("KSHARE_REQUIRE_DATA"),

@@ -49,7 +49,7 @@ def test_rerun_skips_finished_points(smoke: Path, monkeypatch: pytest.MonkeyPatc
     def no_fit(*args: object, **kwargs: object) -> None:
         raise AssertionError("a finished point was fitted again")
 
-    monkeypatch.setattr(retrofit_study, "fit_and_tie", no_fit)
+    monkeypatch.setattr(retrofit_study, "_retrofit", no_fit)
     assert retrofit_study.main(["--preset", "smoke", "--out", str(smoke), "--work", str(smoke.parent / "work")]) == 0
     assert smoke.read_text().split('"records"')[1] == before.split('"records"')[1]
 
@@ -144,7 +144,7 @@ def test_a_file_made_before_a_setting_existed_resumes(smoke: Path, tmp_path: Pat
     del data["study"]["finetune_warmup"]  # files written before the field existed were made at its default
     older = tmp_path / "older.json"
     older.write_text(json.dumps(data))
-    monkeypatch.setattr(retrofit_study, "fit_and_tie", lambda *a, **k: pytest.fail("a finished point was refitted"))
+    monkeypatch.setattr(retrofit_study, "_retrofit", lambda *a, **k: pytest.fail("a finished point was refitted"))
     assert retrofit_study.main(["--preset", "smoke", "--out", str(older), "--work", str(smoke.parent / "work")]) == 0
     data["study"]["finetune_lr"] = 1.0  # a setting that differs is still refused
     older.write_text(json.dumps(data))

@@ -20,8 +20,8 @@ import typer
 from typer.core import TyperGroup
 
 from kshare._version import __version__
+from kshare.data import NAMES as DATA_NAMES
 from kshare.errors import KShareError, OptionError
-from kshare.training.data import NAMES as DATA_NAMES
 
 try:  # typer that carries its own copy of click: its usage errors derive from TyperException
     from typer.exceptions import TyperException as CommandLineError
@@ -62,7 +62,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # Python parameters with a flag of the same name here (`image_size` → `--image-size`), and those whose flag differs.
 FLAGGED = frozenset("""alpha batch_size budgets calib_images channels_last clip_grad compile data data_root device
-    distill epochs exclude feature_weight fit fit_mode groups image_size images include init input_size label_smoothing
+    distill epochs exclude feature_weight fit fit_images fit_mode groups held_out image_size images include init
+    input_size label_smoothing
     limit_test limit_train lr match min_size model momentum opset optimizer out plan precision reconstruct
     reconstruct_images relax resume seed seeds share_bias teacher teacher_weights temperature trust_code weight_decay
     weights""".split())
@@ -175,47 +176,104 @@ def csv(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+# Help panels: every option of a command sits in the panel of what it is about.
+MODEL, PLAN, DATA, FIT, FINETUNE, OUTPUT, DEVICE = "Model", "Plan", "Data", "Fit", "Fine-tune", "Output", "Device"
+
 ModelArg = Annotated[
-    str, typer.Argument(help="torchvision/timm name, kshare:NAME, module:factory or file.py:factory.")
+    str, typer.Argument(help="torchvision/timm name, kshare:NAME, module:factory or file.py:factory.",
+                        rich_help_panel=MODEL)
 ]
-InputSizeOpt = Annotated[str | None, typer.Option(help="Example input C,H,W (default: the model's own).")]
-WeightsOpt = Annotated[Path | None, typer.Option(help="Local state dict to load into the model.")]
+InputSizeOpt = Annotated[str | None, typer.Option(help="Example input C,H,W (default: the model's own).",
+                                                  rich_help_panel=MODEL)]
+WeightsOpt = Annotated[Path | None, typer.Option(help="Local state dict to load into the model.",
+                                                 rich_help_panel=MODEL)]
 KwargOpt = Annotated[
-    list[str] | None, typer.Option("--kwarg", "-k", help="Model argument KEY=VALUE, e.g. num_classes=10.")
+    list[str] | None, typer.Option("--kwarg", "-k", help="Model argument KEY=VALUE, e.g. num_classes=10.",
+                                   rich_help_panel=MODEL)
 ]
 TrustOpt = Annotated[
     bool, typer.Option(help="Let a checkpoint rebuild its model by running the user code it names "
-                            "(module:factory, file.py:factory). Only for files you trust.")
+                            "(module:factory, file.py:factory). Only for files you trust.", rich_help_panel=MODEL)
 ]
-DataOpt = Annotated[str, typer.Option("--data", help=", ".join(DATA_NAMES) + ".")]
-DataRootOpt = Annotated[Path | None, typer.Option(help="Folder holding the dataset's files.")]
-ImageSizeOpt = Annotated[int | None, typer.Option(help="Resize images to this size (default: the data's own).")]
-LimitOpt = Annotated[int | None, typer.Option(help="Use a seeded, class-balanced sample of N images (quick runs).")]
-DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda when available).")]
+DataOpt = Annotated[str, typer.Option("--data", help=", ".join(DATA_NAMES) + ".", rich_help_panel=DATA)]
+DataRootOpt = Annotated[Path | None, typer.Option(help="Folder holding the dataset's files.", rich_help_panel=DATA)]
+ImageSizeOpt = Annotated[int | None, typer.Option(help="Resize images to this size (default: the data's own).",
+                                                  rich_help_panel=DATA)]
+LimitOpt = Annotated[int | None, typer.Option(help="Use a seeded, class-balanced sample of N images (quick runs).",
+                                              rich_help_panel=DATA)]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: cuda when available).",
+                                               rich_help_panel=DEVICE)]
 PrecisionOpt = Annotated[str, typer.Option(help="auto (time the candidates on a GPU; fp32 on the CPU), bf16, fp16 "
-                                                "(with loss scaling) or fp32.")]
+                                                "(with loss scaling) or fp32.", rich_help_panel=DEVICE)]
 ChannelsLastOpt = Annotated[bool | None, typer.Option("--channels-last/--no-channels-last",
                                                       help="Memory format of the steps (default: auto, timed on a "
-                                                           "GPU; NCHW on the CPU).", show_default=False)]
+                                                           "GPU; NCHW on the CPU).", show_default=False,
+                                                      rich_help_panel=DEVICE)]
 FitOpt = Annotated[str, typer.Option(help="weights: each shared kernel from its members' kernels (--init); data: "
                                            "fitted to what the members output on --data's images (no labels "
-                                           "needed), BatchNorm re-estimated there.")]
-CalibImagesOpt = Annotated[int, typer.Option(help="Calibration images a data fit reads (a seeded, class-balanced "
-                                                  "sample).")]
+                                           "needed), BatchNorm re-estimated there.", rich_help_panel=FIT)]
+FitImagesOpt = Annotated[int, typer.Option("--fit-images", "--calib-images",
+                                           help="Images a data fit reads (a seeded, class-balanced sample; "
+                                                "--calib-images is its old name).", rich_help_panel=FIT)]
 FitModeOpt = Annotated[str, typer.Option(help="sequential: groups fitted in network order on the partially tied "
                                               "network (best); oneshot: all from one pass of the untied network "
-                                              "(fastest).")]
+                                              "(fastest).", rich_help_panel=FIT)]
 ReconstructOpt = Annotated[int, typer.Option(
     help="After the data fit: Adam steps per unit of blocks (the blocks a group spans) towards the untied "
-         "network's outputs on the calibration images; no labels (0: off; a few hundred recover much of what "
-         "the closed form leaves).")]
+         "network's outputs on the fit images; no labels (0: off; a few hundred recover much of what "
+         "the closed form leaves).", rich_help_panel=FIT)]
 ReconstructImagesOpt = Annotated[int | None, typer.Option(
-    help="Images the block reconstruction trains on: the same seeded sample as --calib-images, extended "
-         "(default: those; more keep helping after the fit has stopped gaining).", show_default=False)]
-WarmupOpt = Annotated[float, typer.Option(help="Linear warm-up of the learning rate, in epochs (fractions allowed).")]
+    help="Images the block reconstruction trains on: the same seeded sample as --fit-images, extended "
+         "(default: those; more keep helping after the fit has stopped gaining).", show_default=False,
+    rich_help_panel=FIT)]
+HeldOutOpt = Annotated[int, typer.Option(help="Images of --data no step reads, where fidelity to the untied model "
+                                              "is measured (fewer when the data is small; 0: none).",
+                                         rich_help_panel=DATA)]
+WarmupOpt = Annotated[float, typer.Option(help="Linear warm-up of the learning rate, in epochs (fractions allowed).",
+                                          rich_help_panel=FINETUNE)]
 FeatureWeightOpt = Annotated[float, typer.Option(
-    help="Weight of matching the teacher's block outputs (each block holding a tied conv; 0: off).")]
-CompileOpt = Annotated[bool, typer.Option(help="Run the model through torch.compile (slow to start, faster after).")]
+    help="Weight of matching the teacher's block outputs (each block holding a tied conv; 0: off).",
+    rich_help_panel=FINETUNE)]
+CompileOpt = Annotated[bool, typer.Option(help="Run the model through torch.compile (slow to start, faster after).",
+                                          rich_help_panel=DEVICE)]
+
+
+def _read_config(ctx: typer.Context, _: Any, path: Path | None) -> Path | None:
+    """`--config FILE`: a TOML file whose keys are the command's long option names (`fit-images =
+    1024`, `groups = "stage"`) and argument names (`model`); they become the defaults, so options
+    given on the command line still win. An unknown key is an error, not ignored."""
+    if path is None:
+        return None
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        settings = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot read {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise typer.BadParameter(f"{path} is not TOML: {exc}") from None
+    names: dict[str, str] = {}
+    for param in ctx.command.params:
+        names[param.name.replace("_", "-")] = param.name  # type: ignore[union-attr]
+        for opt in (*param.opts, *param.secondary_opts):
+            if opt.startswith("--") and not opt.startswith("--no-"):
+                names[opt[2:]] = param.name  # type: ignore[assignment]
+    names.pop("config", None)
+    defaults = {}
+    for key, value in settings.items():
+        if key not in names:
+            raise typer.BadParameter(f"{path}: unknown key {key!r}; the keys are this command's long options, "
+                                     f"e.g. {', '.join(sorted(names)[:6])}")
+        defaults[names[key]] = value
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return path
+
+
+ConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", help="TOML file of this command's options (keys: the long option names); the command line wins.",
+    callback=_read_config, is_eager=True, rich_help_panel=OUTPUT, show_default=False)]
 
 
 def main() -> None:

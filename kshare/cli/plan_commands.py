@@ -22,13 +22,20 @@ from kshare.analysis.signature import MATCH_MODES
 from kshare.api import Analysis, tie
 from kshare.api import analyze as analyze_model
 from kshare.cli.app import (
+    DATA,
     DATA_NAMES,
-    CalibImagesOpt,
+    FIT,
+    MODEL,
+    OUTPUT,
+    PLAN,
+    ConfigOpt,
     DataRootOpt,
     DeviceOpt,
     F,
+    FitImagesOpt,
     FitModeOpt,
     FitOpt,
+    HeldOutOpt,
     ImageSizeOpt,
     InputSizeOpt,
     KwargOpt,
@@ -42,22 +49,22 @@ from kshare.cli.app import (
     one_line_errors,
 )
 from kshare.cli.progress import progress_bars
-from kshare.cli.report import analysis_json, render_analysis, render_applied, render_fit, render_info
+from kshare.cli.report import analysis_json, render_analysis, render_applied, render_info, render_retrofit
 from kshare.cli.report import size as size_text
+from kshare.data import decode_size, load_data
 from kshare.errors import DataError, ExportError, KShareError, PlanError
+from kshare.fit.config import FitConfig
 from kshare.io.checkpoint import load, save, summarize
 from kshare.io.onnx_export import export_onnx
 from kshare.io.safetensors_io import export_safetensors
 from kshare.kernels import INITS
 from kshare.models.zoo import catalog, default_input_size, load_model, parse_kwargs
 from kshare.planning.config import POLICY_HELP, BudgetConfig, SharingConfig, parse_config
-from kshare.planning.plan import SharingPlan, with_relaxation
-from kshare.planning.relaxation import RELAX_HELP, Relaxation
+from kshare.planning.plan import SharingPlan
+from kshare.planning.relaxation import RELAX_HELP
+from kshare.retrofit import HELD_OUT, retrofit
 from kshare.surgery.fold import fold
 from kshare.surgery.tie import plan_of
-from kshare.training.data import ImageData, adapter_for, decode_size, load_data
-from kshare.training.evaluate import check_classes
-from kshare.training.retrofit import FitConfig, fit_and_tie, output_metric
 from kshare.training.runtime import resolve_device
 
 FITS = ("weights", "data")
@@ -110,23 +117,27 @@ class PlanRequest:
 
 _PLAN_OPTIONS: list[tuple[str, Any, Any]] = [  # name, annotation, default: declared once for both commands
     ("model", ModelArg, DEFAULT_MODEL),
-    ("groups", Annotated[str, typer.Option("--groups", "-g", help=f"Sharing policy: {POLICY_HELP}.")], "all"),
-    ("match", Annotated[str, typer.Option(help="strict: all conv settings equal; shape: weight shape only.")],
-     "strict"),
-    ("include", Annotated[list[str] | None,
-                          typer.Option("--include", help="Only layers matching this glob (repeatable).")], None),
-    ("exclude", Annotated[list[str] | None,
-                          typer.Option("--exclude", help="Never share layers matching this glob (repeatable).")],
-     None),
-    ("min_size", Annotated[int, typer.Option(help="Smallest group worth forming.")], 2),
-    ("share_bias", Annotated[bool, typer.Option(help="Share biases along with kernels.")], True),
+    ("groups", Annotated[str, typer.Option("--groups", "-g", help=f"Sharing policy: {POLICY_HELP}.",
+                                           rich_help_panel=PLAN)], "all"),
+    ("match", Annotated[str, typer.Option(help="strict: all conv settings equal; shape: weight shape only.",
+                                          rich_help_panel=PLAN)], "strict"),
+    ("include", Annotated[list[str] | None, typer.Option("--include", help="Only layers matching this glob "
+                                                         "(repeatable).", rich_help_panel=PLAN)], None),
+    ("exclude", Annotated[list[str] | None, typer.Option("--exclude", help="Never share layers matching this glob "
+                                                         "(repeatable).", rich_help_panel=PLAN)], None),
+    ("min_size", Annotated[int, typer.Option(help="Smallest group worth forming.", rich_help_panel=PLAN)], 2),
+    ("share_bias", Annotated[bool, typer.Option(help="Share biases along with kernels.", rich_help_panel=PLAN)],
+     True),
     ("input_size", InputSizeOpt, None),
     ("weights", WeightsOpt, None),
     ("kwarg", KwargOpt, None),
-    ("trace", Annotated[str, typer.Option(help="How to find the convs: auto (FX, else hooks), fx, hooks.")], "auto"),
+    ("trace", Annotated[str, typer.Option(help="How to find the convs: auto (FX, else hooks), fx, hooks.",
+                                          rich_help_panel=MODEL)], "auto"),
     ("relax", Annotated[str | None, typer.Option(help=f"Per-member parameters on the shared kernel: {RELAX_HELP}; "
                                                       "counted in every figure and in a budget "
-                                                      "(default: none; with --plan, the plan's own).")], None),
+                                                      "(default: none; with --plan, the plan's own).",
+                                                 rich_help_panel=PLAN)], None),
+    ("config_file", ConfigOpt, None),
 ]
 
 
@@ -140,7 +151,8 @@ def with_plan_options(fn: Callable[..., Any]) -> F:
 
     @functools.wraps(fn)
     def command(**kwargs: Any) -> Any:
-        request = PlanRequest(**{name: kwargs.pop(name) for name, _, _ in _PLAN_OPTIONS})
+        kwargs.pop("config_file")  # read by its callback, into the defaults of the others
+        request = PlanRequest(**{name: kwargs.pop(name) for name, _, _ in _PLAN_OPTIONS if name != "config_file"})
         return fn(request=request, **kwargs)
 
     command.__signature__ = signature.replace(parameters=[*added, *own])  # type: ignore[attr-defined]
@@ -168,18 +180,23 @@ def analyze(
 @with_plan_options
 def apply(
     request: PlanRequest,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (atomically).")],
-    plan: Annotated[Path | None, typer.Option(help="Apply this plan JSON instead of a policy.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (atomically).",
+                                      rich_help_panel=OUTPUT)],
+    plan: Annotated[Path | None, typer.Option(help="Apply this plan JSON instead of a policy.",
+                                              rich_help_panel=PLAN)] = None,
     init: Annotated[str | None, typer.Option(help="Shared kernel from the members': first, mean, medoid, norm_mean "
-                                                  "(default: the plan's own; budget plans use mean, others first).")
-                    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the random init (models built without --weights).")] = 0,
+                                                  "(default: the plan's own; budget plans use mean, others first).",
+                                             rich_help_panel=FIT)] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random init (models built without --weights) and of the "
+                                           "fit sample.", rich_help_panel=MODEL)] = 0,
     fit: FitOpt = "weights",
     data: Annotated[str | None, typer.Option("--data", help="Images to fit to with --fit data: "
-                                                            + ", ".join(DATA_NAMES) + ".")] = None,
+                                                            + ", ".join(DATA_NAMES) + ".", rich_help_panel=DATA)
+                    ] = None,
     data_root: DataRootOpt = None,
     image_size: ImageSizeOpt = None,
-    calib_images: CalibImagesOpt = 512,
+    held_out: HeldOutOpt = HELD_OUT,
+    fit_images: FitImagesOpt = 512,
     fit_mode: FitModeOpt = "sequential",
     reconstruct: ReconstructOpt = 0,
     reconstruct_images: ReconstructImagesOpt = None,
@@ -189,8 +206,9 @@ def apply(
 
     `--groups none` saves the model untied: a baseline checkpoint for `finetune`, `eval`,
     `--teacher` and `sweep`. `--fit data --data NAME` fits each shared kernel to what its
-    members output on NAME's images (no labels needed) and re-estimates BatchNorm there;
-    `--reconstruct STEPS` then trains each unit of blocks towards the untied outputs.
+    members output on NAME's images (no labels needed), re-estimates BatchNorm there and
+    reports fidelity to the untied model on held-out images; `--reconstruct STEPS` then trains
+    each unit of blocks towards the untied outputs.
     """
     if init is not None:
         choice(init, INITS, "--init")
@@ -203,7 +221,7 @@ def apply(
         if request.groups == "none" and plan is None:
             raise PlanError("--fit data with --groups none: no group is tied, so there is nothing to fit")
     elif data is not None:
-        raise DataError("--data is for --fit data (or use finetune, eval and calibrate for training data)")
+        raise DataError("--data is for --fit data (or use finetune, eval and recalibrate for training data)")
     elif reconstruct:
         raise PlanError("--reconstruct trains the blocks of a data fit towards the untied outputs: "
                         "add --fit data --data NAME")
@@ -213,40 +231,29 @@ def apply(
         path = save(net, out, spec=spec)
         render_applied(None, path, Console())
         return
-    config = FitConfig(mode=fit_mode, images=calib_images, reconstruct=reconstruct,
-                       reconstruct_images=reconstruct_images)
-    dev = resolve_device(device)
-    loaded: list[ImageData] = []
-
-    def calibration(net: nn.Module) -> ImageData:  # read once, at the size the model was trained at
-        if not loaded:
-            assert data is not None
-            loaded.append(load_data(data, "train", data_root, decode_size(net, image_size)))
-        return loaded[0]
-
-    def metric(net: nn.Module, names: list[str]) -> Any:  # a budget plan then groups kernels by output error
-        images = calibration(net)
-        check_classes(net, images, adapter_for(net, images, image_size), torch.device("cpu"))  # before a long pass
-        return output_metric(net, names, images, config, image_size=image_size, device=dev)
-
     if plan is not None:
         if not plan.is_file():
             raise PlanError(f"plan file not found: {plan}")
-        chosen = SharingPlan.from_json(plan.read_text())
+        chosen: SharingPlan | SharingConfig = SharingPlan.from_json(plan.read_text())
+        net, spec = request.build()
+    elif fit == "data":  # planned by the pipeline: a budget plan groups kernels by output error on the same images
+        chosen = request.config()
         net, spec = request.build()
     else:
-        net, result = request.analyze(metric if fit == "data" else None)
+        net, result = request.analyze()
         chosen, spec = result.plan, result.spec
     if fit == "data":
-        images = calibration(net)
-        check_classes(net, images, adapter_for(net, images, image_size, announce=True), torch.device("cpu"))
-        if request.relax is not None:
-            chosen = with_relaxation(chosen, Relaxation.parse(request.relax))
+        assert data is not None
+        config = FitConfig(mode=fit_mode, images=fit_images, reconstruct=reconstruct,
+                           reconstruct_images=reconstruct_images, seed=seed)
+        images = load_data(data, "train", data_root, decode_size(net, image_size))
         with progress_bars() as progress:
-            report = fit_and_tie(net, chosen, images, config, image_size=image_size, device=dev, progress=progress)
-        path = save(net.cpu(), out, spec=spec)
+            report = retrofit(net, chosen, images, fit=config, relax=request.relax, held_out=held_out,
+                              image_size=image_size, input_size=request.input_size, device=resolve_device(device),
+                              progress=progress)
+        path = save(net.cpu(), out, spec=spec, extra={"retrofit": report.record()})
         render_applied(plan_of(net), path, Console())
-        render_fit(report, Console())
+        render_retrofit(report, Console())
         return
     tie(net, chosen, init=init, relax=request.relax)
     path = save(net, out, spec=spec)

@@ -12,9 +12,10 @@ from rich.table import Table
 
 from kshare.analysis.signature import Signature
 from kshare.api import Analysis
+from kshare.fit.blocks import UnitReconstruction
+from kshare.fit.order import FitReport
 from kshare.planning.plan import SharingPlan
-from kshare.training.reconstruct import UnitReconstruction
-from kshare.training.retrofit import FitReport
+from kshare.retrofit import RetrofitReport
 
 
 def count(n: float) -> str:
@@ -173,6 +174,25 @@ def render_fit(report: FitReport, console: Console) -> None:
         render_reconstruction(report.reconstructed, console)
 
 
+def render_retrofit(report: RetrofitReport, console: Console) -> None:
+    """A data fit's lines, then each measured step: accuracy where labelled, fidelity where held out."""
+    if report.fit is not None:
+        render_fit(report.fit, console)
+    untied = next((s.accuracy for s in report.steps if s.name == "untied"), None)
+    for step in report.steps:
+        if step.name == "untied" or (step.accuracy is None and step.fidelity is None):
+            continue
+        parts = []
+        if step.accuracy is not None:
+            parts.append(f"test acc {step.accuracy:.4f}" + (f" ({step.accuracy / untied:.1%} of untied)" if untied
+                                                            else ""))
+        if step.fidelity is not None:
+            parts.append(step.fidelity.line())
+        console.print(f"{step.name}: " + "; ".join(parts))
+    if not report.held_out_images:
+        console.print("fidelity not measured: no image of the data was left to hold out (--held-out)")
+
+
 def render_reconstruction(units: Sequence[UnitReconstruction], console: Console) -> None:
     """One line on block reconstruction: units, steps, time, and the block output error it left."""
     before = sum(u.start_error for u in units) / len(units)
@@ -201,6 +221,18 @@ def render_info(summary: dict[str, Any], console: Console) -> None:
         console.print(f"fine-tuned: epoch {training.get('epoch')} on {training.get('data', '?')}"
                       + (f", test acc {metrics['test_acc']:.4f}" if "test_acc" in metrics else "")
                       + (" (resumable state)" if training.get("resumable") else ""))
+    retrofit = summary.get("retrofit")
+    if retrofit and retrofit.get("steps"):
+        last = retrofit["steps"][-1]
+        fidelity = last.get("fidelity") or {}
+        line = f"retrofit on {retrofit.get('data') or '?'}: after {last.get('name', '?')}"
+        if fidelity:
+            line += (f", top-1 agreement {fidelity.get('top1', float('nan')):.1%}, top-5 "
+                     f"{fidelity.get('top5', float('nan')):.1%}, KL {fidelity.get('kl', float('nan')):.4f} on "
+                     f"{fidelity.get('images', '?')} held-out images")
+        if isinstance(last.get("accuracy"), float):
+            line += f", test acc {last['accuracy']:.4f}"
+        console.print(line)
     recipe = summary.get("input")
     if recipe:
         console.print(f"fed as trained: input {','.join(map(str, recipe['input_size']))}, mean "

@@ -1,29 +1,35 @@
-"""Commands that train and measure on data: `finetune`, `eval`, `calibrate`, `sweep`."""
+"""Commands that train and measure on data: `retrofit`, `finetune`, `eval`, `recalibrate`, `sweep`."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
-import time
 from pathlib import Path
 from typing import Annotated
 
 import torch
 import typer
+from rich.console import Console
 from torch import nn
 
-from kshare.api import tie
 from kshare.cli.app import (
-    CalibImagesOpt,
+    DATA,
+    DEVICE,
+    FINETUNE,
+    FIT,
+    OUTPUT,
+    PLAN,
     ChannelsLastOpt,
     CompileOpt,
+    ConfigOpt,
     DataOpt,
     DataRootOpt,
     DeviceOpt,
     FeatureWeightOpt,
+    FitImagesOpt,
     FitModeOpt,
+    HeldOutOpt,
     ImageSizeOpt,
     KwargOpt,
     LimitOpt,
@@ -41,21 +47,23 @@ from kshare.cli.app import (
 from kshare.cli.plan_commands import PlanRequest, with_plan_options
 from kshare.cli.plots import plot_sweep
 from kshare.cli.progress import progress_bars
+from kshare.cli.report import render_retrofit
+from kshare.data import ImageData, adapter_for, decode_size, load_data
 from kshare.errors import DataError, PlanError, PolicyError, StudyError, TrainingError, WeightsError
+from kshare.fit.batchnorm import batch_norms, recalibrate_bn
+from kshare.fit.config import FitConfig
 from kshare.io.checkpoint import load, read, restore, save
 from kshare.kernels import INITS
 from kshare.models.zoo import load_model, parse_kwargs
+from kshare.retrofit import HELD_OUT
+from kshare.retrofit import retrofit as run_retrofit
 from kshare.surgery.tie import plan_of
 from kshare.sweep import SweepConfig, aggregate, pareto, run_sweep
-from kshare.training.calibrate import batch_norms, recalibrate_bn, recalibrate_on
 from kshare.training.config import TrainConfig
-from kshare.training.data import ImageData, adapter_for, decode_size, load_data
 from kshare.training.evaluate import check_classes, choose_eval_setup, evaluate
 from kshare.training.loop import finetune as run_finetune
 from kshare.training.resume import resume_state
-from kshare.training.retrofit import FitConfig, fit_and_tie, reconstruct_fitted
 from kshare.training.runtime import runtime, shutdown
-from kshare.training.statistics import calibration_batches
 
 
 def _splits(data: str, data_root: Path | None, image_size: int | None, limit_train: int | None,
@@ -73,33 +81,45 @@ def _splits(data: str, data_root: Path | None, image_size: int | None, limit_tra
 @one_line_errors
 def sweep(
     source: Annotated[str, typer.Argument(help="An untied kshare checkpoint, or a model name (with --weights).")],
-    data: Annotated[str, typer.Option("--data", help="Dataset to evaluate (and fine-tune) on.")] = "fashion-mnist",
+    data: Annotated[str, typer.Option("--data", help="Dataset to evaluate (and fine-tune) on.",
+                                      rich_help_panel=DATA)] = "fashion-mnist",
     data_root: DataRootOpt = None,
     weights: WeightsOpt = None,
     kwarg: KwargOpt = None,
-    policies: Annotated[str, typer.Option(help="Positional policies, comma-separated.")] = "all,stage",
-    budgets: Annotated[str, typer.Option(help="Budget fractions, comma-separated (e.g. 0.3,0.5).")] = "",
-    relax: Annotated[str, typer.Option(help="Relaxations, comma-separated (none,scale,lora:2,lora:auto,...).")
+    policies: Annotated[str, typer.Option(help="Positional policies, comma-separated.",
+                                          rich_help_panel=PLAN)] = "all,stage",
+    budgets: Annotated[str, typer.Option(help="Budget fractions, comma-separated (e.g. 0.3,0.5).",
+                                         rich_help_panel=PLAN)] = "",
+    relax: Annotated[str, typer.Option(help="Relaxations, comma-separated (none,scale,lora:2,lora:auto,...).",
+                                       rich_help_panel=PLAN)
                      ] = "none",
-    match: Annotated[str, typer.Option(help="Also fit a budget plan per relaxation to these policies' sizes.")
+    match: Annotated[str, typer.Option(help="Also fit a budget plan per relaxation to these policies' sizes.",
+                                       rich_help_panel=PLAN)
                      ] = "",
-    init: Annotated[str, typer.Option(help="Shared-kernel init for every point.")] = "mean",
-    epochs: Annotated[int, typer.Option(help="Fine-tune epochs per point (0: evaluate right after tying).")] = 0,
-    loss: Annotated[str, typer.Option(help="ce, kd (distil from the untied model) or ce,kd.")] = "ce",
-    lr: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = 1e-3,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 128,
-    seeds: Annotated[str, typer.Option(help="Fine-tune seeds, comma-separated (each point runs once per seed).")
+    init: Annotated[str, typer.Option(help="Shared-kernel init for every point.", rich_help_panel=FIT)] = "mean",
+    epochs: Annotated[int, typer.Option(help="Fine-tune epochs per point (0: evaluate right after tying).",
+                                        rich_help_panel=FINETUNE)] = 0,
+    loss: Annotated[str, typer.Option(help="ce, kd (distil from the untied model) or ce,kd.",
+                                      rich_help_panel=FINETUNE)] = "ce",
+    lr: Annotated[float, typer.Option(help="Fine-tune learning rate.", rich_help_panel=FINETUNE)] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Images per step.", rich_help_panel=FINETUNE)] = 128,
+    seeds: Annotated[str, typer.Option(help="Fine-tune seeds, comma-separated (each point runs once per seed).",
+                                       rich_help_panel=FINETUNE)
                      ] = "0",
     size_tolerance: Annotated[float, typer.Option(help="--match admits plans up to this fraction larger "
-                                                       "(0.005: within 0.5%).")] = 0.0,
-    calibrate: Annotated[int, typer.Option(help="Re-estimate BatchNorm statistics on this many training images "
-                                                "after tying (0: off).")] = 0,
+                                                       "(0.005: within 0.5%).", rich_help_panel=PLAN)] = 0.0,
+    calibrate: Annotated[int, typer.Option("--recalibrate", "--calibrate",
+                                           help="Re-estimate BatchNorm statistics on this many training images "
+                                                "after tying (0: off; --calibrate is its old name).",
+                                           rich_help_panel=FIT)] = 0,
     trust_code: TrustOpt = False,
     image_size: ImageSizeOpt = None,
     limit_train: LimitOpt = None,
     limit_test: LimitOpt = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Sweep JSON.")] = Path("sweep.json"),
-    plot: Annotated[Path | None, typer.Option(help="Pareto plot PNG (default: OUT with .png).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Sweep JSON.", rich_help_panel=OUTPUT)] = Path("sweep.json"),
+    plot: Annotated[Path | None, typer.Option(help="Pareto plot PNG (default: OUT with .png).",
+                                              rich_help_panel=OUTPUT)] = None,
+    config_file: ConfigOpt = None,
 ) -> None:
     """Evaluate a grid of policies, budgets and relaxations on one trained model; JSON + Pareto plot."""
     choice(init, INITS, "--init")
@@ -162,35 +182,50 @@ def finetune(
     checkpoint: Annotated[Path, typer.Argument(help="A kshare checkpoint, tied or not.")],
     data: DataOpt = "fashion-mnist",
     data_root: DataRootOpt = None,
-    epochs: Annotated[int, typer.Option(help="Total epochs (a resumed run continues up to this).")] = 1,
-    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
-    batch_size: Annotated[int, typer.Option(help="Images per step (per process under torchrun).")] = 128,
-    optimizer: Annotated[str, typer.Option(help="adamw or sgd (Nesterov momentum).")] = "adamw",
-    weight_decay: Annotated[float, typer.Option(help="Weight decay.")] = 0.05,
+    epochs: Annotated[int, typer.Option(help="Total epochs (a resumed run continues up to this).",
+                                        rich_help_panel=FINETUNE)] = 1,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.", rich_help_panel=FINETUNE)] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Images per step (per process under torchrun).",
+                                            rich_help_panel=FINETUNE)] = 128,
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd (Nesterov momentum).",
+                                           rich_help_panel=FINETUNE)] = "adamw",
+    weight_decay: Annotated[float, typer.Option(help="Weight decay.", rich_help_panel=FINETUNE)] = 0.05,
     warmup: WarmupOpt = 0.0,
-    clip_grad: Annotated[float, typer.Option(help="Clip the gradient norm to this (0: off).")] = 0.0,
-    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")] = 0.0,
-    distill: Annotated[bool, typer.Option(help="Add knowledge distillation from --teacher.")] = False,
-    teacher: Annotated[str | None, typer.Option(help="Teacher: a kshare checkpoint or a model name.")] = None,
-    teacher_weights: Annotated[Path | None, typer.Option(help="Weights for a teacher given by name.")] = None,
-    temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 4.0,
-    alpha: Annotated[float, typer.Option(help="Weight of the distillation term (CE gets 1 - alpha).")] = 0.5,
+    clip_grad: Annotated[float, typer.Option(help="Clip the gradient norm to this (0: off).",
+                                             rich_help_panel=FINETUNE)] = 0.0,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.",
+                                                   rich_help_panel=FINETUNE)] = 0.0,
+    distill: Annotated[bool, typer.Option(help="Add knowledge distillation from --teacher.",
+                                          rich_help_panel=FINETUNE)] = False,
+    teacher: Annotated[str | None, typer.Option(help="Teacher: a kshare checkpoint or a model name.",
+                                                rich_help_panel=FINETUNE)] = None,
+    teacher_weights: Annotated[Path | None, typer.Option(help="Weights for a teacher given by name.",
+                                                         rich_help_panel=FINETUNE)] = None,
+    temperature: Annotated[float, typer.Option(help="Distillation temperature.", rich_help_panel=FINETUNE)] = 4.0,
+    alpha: Annotated[float, typer.Option(help="Weight of the distillation term (CE gets 1 - alpha).",
+                                         rich_help_panel=FINETUNE)] = 0.5,
     feature_weight: FeatureWeightOpt = 0.0,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Checkpoint to write each epoch.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the last completed epoch of the run writing --out.")
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Checkpoint to write each epoch.",
+                                             rich_help_panel=OUTPUT)] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last completed epoch of the run writing --out.",
+                                         rich_help_panel=OUTPUT)
                       ] = False,
-    metrics: Annotated[Path | None, typer.Option(help="Metrics JSONL (default: OUT.metrics.jsonl).")] = None,
+    metrics: Annotated[Path | None, typer.Option(help="Metrics JSONL (default: OUT.metrics.jsonl).",
+                                                 rich_help_panel=OUTPUT)] = None,
     image_size: ImageSizeOpt = None,
     limit_train: LimitOpt = None,
     limit_test: LimitOpt = None,
-    seed: Annotated[int, typer.Option(help="Seed for init order, shuffling and augmentation.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for init order, shuffling and augmentation.",
+                                      rich_help_panel=FINETUNE)] = 0,
     device: DeviceOpt = None,
     precision: PrecisionOpt = "auto",
     channels_last: ChannelsLastOpt = None,
     compile: CompileOpt = False,
-    amp: Annotated[bool, typer.Option(help="Let --precision auto pick mixed precision on CUDA (--no-amp: fp32).")
+    amp: Annotated[bool, typer.Option(help="Let --precision auto pick mixed precision on CUDA (--no-amp: fp32).",
+                                      rich_help_panel=DEVICE)
                    ] = True,
     trust_code: TrustOpt = False,
+    config_file: ConfigOpt = None,
 ) -> None:
     """Fine-tune a checkpoint on real data, keeping its sharing; optionally distil from a teacher."""
     if not amp and precision not in ("auto", "fp32"):
@@ -227,15 +262,16 @@ def evaluate_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="A kshare checkpoint.")],
     data: DataOpt = "fashion-mnist",
     data_root: DataRootOpt = None,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=FINETUNE)] = 256,
     image_size: ImageSizeOpt = None,
     limit_test: LimitOpt = None,
     device: DeviceOpt = None,
     precision: PrecisionOpt = "auto",
     channels_last: ChannelsLastOpt = None,
     compile: CompileOpt = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.", rich_help_panel=OUTPUT)] = False,
     trust_code: TrustOpt = False,
+    config_file: ConfigOpt = None,
 ) -> None:
     """Test accuracy and loss of a checkpoint on a dataset's test split (fed as it was trained)."""
     if batch_size < 1:
@@ -259,22 +295,27 @@ def evaluate_cmd(
                    f"on {int(result['n'])} {test_data.name} images")
 
 
-@app.command()
+@app.command("recalibrate")
 @one_line_errors
-def calibrate(
+def recalibrate(
     checkpoint: Annotated[Path, typer.Argument(help="A kshare checkpoint, usually just tied by `apply`.")],
     data: DataOpt = "fashion-mnist",
     data_root: DataRootOpt = None,
-    images: Annotated[int, typer.Option(help="Training images to estimate the statistics on.")] = 2048,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 128,
+    images: Annotated[int, typer.Option(help="Training images to estimate the statistics on.",
+                                        rich_help_panel=DATA)] = 2048,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=FINETUNE)] = 128,
     image_size: ImageSizeOpt = None,
     limit_test: LimitOpt = None,
     device: DeviceOpt = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to save (default: overwrite CHECKPOINT).")
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Where to save (default: overwrite CHECKPOINT).",
+                                             rich_help_panel=OUTPUT)
                    ] = None,
     trust_code: TrustOpt = False,
+    config_file: ConfigOpt = None,
 ) -> None:
-    """Re-estimate BatchNorm statistics after tying (no labels, no training); report test accuracy."""
+    """Re-estimate BatchNorm statistics after tying (no labels, no training); report test accuracy.
+    (`kshare calibrate` is its old name.)"""
+    del config_file  # read by its callback, into the other options' defaults
     if images < 1:
         raise TrainingError(f"--images must be at least 1, got {images}")
     if batch_size < 1:
@@ -308,29 +349,35 @@ def calibrate(
 @with_plan_options
 def retrofit(
     request: PlanRequest,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (the fitted model, or fine-tuned).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (the fitted model, or fine-tuned).",
+                                      rich_help_panel=OUTPUT)],
     data: DataOpt = "fashion-mnist",
     data_root: DataRootOpt = None,
     image_size: ImageSizeOpt = None,
-    calib_images: CalibImagesOpt = 512,
+    held_out: HeldOutOpt = HELD_OUT,
+    fit_images: FitImagesOpt = 512,
     fit_mode: FitModeOpt = "sequential",
     reconstruct: ReconstructOpt = 0,
     reconstruct_images: ReconstructImagesOpt = None,
-    epochs: Annotated[int, typer.Option(help="Fine-tune epochs after the fit (0: none).")] = 0,
-    distill: Annotated[bool, typer.Option(help="Distil the fine-tune from the untied model.")] = True,
-    lr: Annotated[float, typer.Option(help="Fine-tune learning rate.")] = 1e-3,
+    epochs: Annotated[int, typer.Option(help="Fine-tune epochs after the fit (0: none; needs labelled data).",
+                                        rich_help_panel=FINETUNE)] = 0,
+    distill: Annotated[bool, typer.Option(help="Distil the fine-tune from the untied model.",
+                                          rich_help_panel=FINETUNE)] = True,
+    lr: Annotated[float, typer.Option(help="Fine-tune learning rate.", rich_help_panel=FINETUNE)] = 1e-3,
     warmup: WarmupOpt = 0.0,
     feature_weight: FeatureWeightOpt = 0.0,
-    batch_size: Annotated[int, typer.Option(help="Fine-tune images per step.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Fine-tune images per step.", rich_help_panel=FINETUNE)] = 128,
     limit_train: LimitOpt = None,
     limit_test: LimitOpt = None,
     device: DeviceOpt = None,
-    seed: Annotated[int, typer.Option(help="Seed of the calibration sample and the fine-tune.")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print each step's figures as JSON.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the fit sample and the fine-tune.", rich_help_panel=FIT)] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print each step's figures as JSON.",
+                                          rich_help_panel=OUTPUT)] = False,
 ) -> None:
     """Tie a trained model and keep what it knows: plan, fit the shared kernels to the data's
-    outputs, re-estimate BatchNorm, optionally reconstruct blocks and fine-tune; test accuracy
-    after every step."""
+    outputs, re-estimate BatchNorm, optionally reconstruct blocks and fine-tune. After every
+    step: fidelity to the untied model on held-out images (no labels needed), and test accuracy
+    where the data has a labelled test split."""
     if epochs < 0:
         raise TrainingError(f"--epochs must be 0 or more, got {epochs}")
     if feature_weight and not epochs:
@@ -339,59 +386,40 @@ def retrofit(
     train_config = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, distill=distill, seed=seed,
                                image_size=image_size, warmup_epochs=warmup, feature_weight=feature_weight
                                ) if epochs else None
-    config = FitConfig(mode=fit_mode, images=calib_images, recalibrate=False, seed=seed, reconstruct=reconstruct,
+    config = FitConfig(mode=fit_mode, images=fit_images, seed=seed, reconstruct=reconstruct,
                        reconstruct_images=reconstruct_images)
-    net, analysis = request.analyze()
-    train_data, test_data = _splits(data, data_root, decode_size(net, image_size), limit_train, limit_test)
-    assert train_data is not None
-    rt = runtime(device)
-    net.to(rt.device)
-    test_adapter = adapter_for(net, test_data, image_size, announce=True)
-    check_classes(net, test_data, test_adapter, rt.device)
-    steps: list[dict[str, object]] = []
-
-    def step(name: str, model: nn.Module, seconds: float = 0.0) -> None:
-        acc = evaluate(model, test_data, test_adapter, rt=rt)["acc"]
-        steps.append({"step": name, "test_acc": acc, "seconds": seconds})
-        if not as_json:
-            typer.echo(f"{name:<22} test acc {acc:.4f} ({acc / steps[0]['test_acc']:.1%} of untied)"  # type: ignore[operator]
-                       + (f", {seconds:.1f} s" if seconds else ""))
-
-    step("untied", net)
-    step("tied (mean init)", tie(copy.deepcopy(net), analysis.plan, init="mean"))
-    model = copy.deepcopy(net)
-    with progress_bars() as progress:  # reconstruction comes after the recalibration below
-        fit_only = dataclasses.replace(config, reconstruct=0, reconstruct_images=None)
-        report = fit_and_tie(model, analysis.plan, train_data, fit_only, image_size=image_size, device=rt.device,
-                             progress=progress)
-    step(f"fitted ({fit_mode})", model, report.seconds)
-    start = time.perf_counter()
-    batches = calibration_batches(train_data, min(calib_images, len(train_data.labels)), 128,
-                                  adapter_for(model, train_data, image_size), rt.device, seed)
-    if recalibrate_on(model, batches):
-        step("BatchNorm recalibrated", model, time.perf_counter() - start)
-    if reconstruct:
-        with progress_bars() as progress:
-            units = reconstruct_fitted(model, net, train_data, batches, config,
-                                       adapter_for(model, train_data, image_size), rt.device, progress)
-        report = dataclasses.replace(report, reconstructed=units)
-        step("blocks reconstructed", model, sum(u.seconds for u in units))
-    if train_config is not None:
-        teacher = copy.deepcopy(net) if train_config.uses_teacher else None
-        with progress_bars() as progress:
-            summary = run_finetune(model, train_data, test_data, train_config, out, teacher=teacher,
-                                   device=str(rt.device), progress=progress)
-        steps.append({"step": f"fine-tuned ({epochs} epoch(s))", "test_acc": summary["history"][-1]["test_acc"],
-                      "seconds": sum(r["seconds"] for r in summary["history"])})
-        if not as_json:
-            last = steps[-1]
-            typer.echo(f"{last['step']:<22} test acc {last['test_acc']:.4f} "
-                       f"({last['test_acc'] / steps[0]['test_acc']:.1%} of untied)")  # type: ignore[operator]
-    else:
-        save(model.cpu(), out, spec=analysis.spec)
-    plan = plan_of(model)
+    net, spec = request.build()
+    size = decode_size(net, image_size)
+    train_data = load_data(data, "train", data_root, size)
+    if train_config is not None and not train_data.labelled:
+        raise TrainingError(f"{data} has no labels: --epochs fine-tunes on labels; the fit, BatchNorm and "
+                            "fidelity need none (drop --epochs)")
+    if limit_train is not None:
+        train_data = train_data.subset(_limit(limit_train, "--limit-train"))
+    test_data = None
+    if train_data.labelled:
+        test_data = load_data(data, "test", data_root, size).subset(_limit(limit_test, "--limit-test"))
+    with progress_bars() as progress:
+        report = run_retrofit(net, request.config(), train_data, fit=config, finetune=train_config, test=test_data,
+                              held_out=held_out, image_size=image_size, input_size=request.input_size,
+                              device=device, out=out, progress=progress)
+    if train_config is None:
+        save(net.cpu(), out, spec=spec, extra={"retrofit": report.record()})
+    plan = plan_of(net)
     if as_json:
+        steps = [{"step": s.name, "test_acc": s.accuracy, "seconds": s.seconds,
+                  "fidelity": dataclasses.asdict(s.fidelity) if s.fidelity else None} for s in report.steps]
         typer.echo(json.dumps({"steps": steps, "plan": plan.to_dict() if plan else None,
-                               "fit": dataclasses.asdict(report), "out": str(out)}))
+                               "fit": dataclasses.asdict(report.fit) if report.fit else None, "out": str(out)}))
     else:
+        render_retrofit(report, Console())
         typer.echo(f"wrote {out}")
+
+
+def _limit(value: int | None, flag: str) -> int | None:
+    if value is not None and value < 1:
+        raise DataError(f"{flag} must be at least 1, got {value}")
+    return value
+
+
+app.command("calibrate", hidden=True, help="The old name of `kshare recalibrate`.")(recalibrate)

@@ -112,7 +112,28 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "plan": plan.to_dict() if plan else None,
         "input": recipe.to_dict() if recipe else None,
         "training": _training_summary(payload.get("extra", {})),
+        "retrofit": _retrofit_summary(payload.get("extra", {})),
     }
+
+
+def _retrofit_summary(extra: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The plain part of a retrofit's record (`RetrofitReport.record`): its data and each step's figures."""
+    record = extra.get("retrofit")
+    if not isinstance(record, Mapping) or not isinstance(record.get("steps"), list):
+        return None
+    plain = (str, int, float, bool, type(None))
+    keep: dict[str, Any] = {k: v for k, v in record.items() if k != "steps" and isinstance(k, str)
+                            and isinstance(v, plain)}
+    steps = []
+    for step in record["steps"]:
+        if not isinstance(step, Mapping):
+            continue
+        row = {k: v for k, v in step.items() if isinstance(k, str) and isinstance(v, plain)}
+        fidelity = step.get("fidelity")
+        if isinstance(fidelity, Mapping):
+            row["fidelity"] = {k: v for k, v in fidelity.items() if isinstance(k, str) and isinstance(v, plain)}
+        steps.append(row)
+    return keep | {"steps": steps}
 
 
 def _training_summary(extra: Mapping[str, Any]) -> dict[str, Any] | None:

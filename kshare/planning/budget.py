@@ -28,9 +28,9 @@ from kshare.analysis.inspect import ConvSite, Inspection
 from kshare.errors import PlanError
 from kshare.kernels import fit_residual, whitened_spectrum
 from kshare.planning.config import BudgetConfig, PositionalConfig, SharingConfig
+from kshare.planning.kernel_error import kernel_norm, kernel_vector, output_vectors, with_errors
 from kshare.planning.plan import Group, SharingPlan, Unshared, assemble_plan, with_relaxation
 from kshare.planning.positional import plan_positional
-from kshare.planning.reconstruction import kernel_norm, kernel_vector, output_vectors, with_errors
 from kshare.planning.relaxation import Relaxation
 from kshare.planning.select import candidate_sites, in_execution_order
 

@@ -20,9 +20,9 @@ from kshare.errors import PolicyError
 from kshare.models.zoo import default_input_size, spec_of
 from kshare.planning.budget import Metric, plan_budget
 from kshare.planning.config import BudgetConfig, PositionalConfig, SharingConfig, parse_config
+from kshare.planning.kernel_error import with_errors
 from kshare.planning.plan import SharingPlan, with_relaxation
 from kshare.planning.positional import plan_positional
-from kshare.planning.reconstruction import with_errors
 
 Planner = Callable[[nn.Module | None, Inspection, SharingConfig, str | None, Metric | None], SharingPlan]
 C = TypeVar("C", bound=SharingConfig)
@@ -70,7 +70,7 @@ def build_plan(target: nn.Module | Inspection, config: SharingConfig | str = "al
     `config` is a `SharingConfig` or a policy string (`parse_config`); keyword `options`
     replace its fields. A model is inspected here (at `input_size`, by default its own) unless
     `inspection` is given. `metric` (each candidate's input Gram and output energy on real
-    images, `kshare.training.retrofit.output_metric`) makes a budget plan group kernels and
+    images, `kshare.fit.order.output_metric`) makes a budget plan group kernels and
     allot delta ranks by output error instead of weight error."""
     config = parse_config(config, **options)
     if isinstance(target, Inspection):

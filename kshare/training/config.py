@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+from kshare._checks import finite_number
+from kshare.data.datasets import MAX_IMAGE_SIZE
 from kshare.errors import TrainingError, param
-from kshare.training.data import MAX_IMAGE_SIZE
 from kshare.training.precision import PRECISIONS
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -20,7 +21,7 @@ class TrainConfig:
     `precision` (`auto`, `bf16`, `fp16`, `fp32`) and `channels_last` (None: auto) choose how
     steps run (`kshare.training.precision`); `amp=False` keeps `auto` to fp32. `compile` runs
     the model through `torch.compile`. `feature_weight` adds the teacher's block outputs as
-    targets (`kshare.training.features`), next to or instead of logit distillation.
+    targets (`kshare.fit.features`), next to or instead of logit distillation.
     """
 
     epochs: int = 1
@@ -81,12 +82,3 @@ class TrainConfig:
 def _whole(name: str, value: object, low: int, high: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise TrainingError(f"{param(name)} must be a whole number from {low:,} to {high:,}, got {value!r}")
-
-
-def finite_number(name: str, value: object, low: float, high: float, low_open: bool = False,
-            high_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-        and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        left, right = "(" if low_open else "[", ")" if high_open else "]"
-        raise TrainingError(f"{param(name)} must be a finite number in {left}{low:g}, {high:g}{right}, got {value!r}")

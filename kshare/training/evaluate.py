@@ -4,28 +4,16 @@ that a model's outputs fit a dataset's classes."""
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kshare.data import Adapter, ImageData, adapter_for
 from kshare.errors import DataError, TrainingError, param
-from kshare.training.data import Adapter, ImageData, adapter_for
+from kshare.fit.fidelity import logits_of
 from kshare.training.precision import Setup, candidates, choose_setup, time_steps
 from kshare.training.runtime import Runtime, all_sum, index_batches
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The class logits of a model's output: the tensor itself, or the main head of a tuple
-    (Inception's and GoogLeNet's auxiliary outputs in training mode) or of a `.logits` field."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):
-        return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TrainingError(f"the model returns {type(output).__name__}, not class logits kshare can train on")
 
 
 @torch.no_grad()

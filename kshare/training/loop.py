@@ -2,7 +2,7 @@
 and memory format chosen by measurement, a checkpoint per epoch, resume, and DDP under
 `torchrun` (gloo on CPU, nccl on GPU).
 
-Data lives in memory as uint8, on the GPU when it fits (`kshare.training.data`); each step
+Data lives in memory as uint8, on the GPU when it fits (`kshare.data`); each step
 gathers a batch by index and adapts it on the device, and the figures of a step stay there:
 the host syncs only to check for a non-finite loss (every step on the CPU, where it costs
 nothing, every 25 steps on a GPU: `CHECK_EVERY`) and at the end of the epoch. Rank 0 writes
@@ -29,16 +29,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from kshare.data import ImageData, adapter_for, check_splits, recipe_for
 from kshare.errors import TrainingError, param
+from kshare.fit.features import FeatureTaps, feature_loss, feature_points, matched_features
+from kshare.fit.fidelity import logits_of
 from kshare.io.checkpoint import save
 from kshare.models.recipe import attach_recipe
 from kshare.models.zoo import spec_of
 from kshare.progress import ProgressFn, report
 from kshare.surgery.tie import verify_tied
 from kshare.training.config import TrainConfig
-from kshare.training.data import ImageData, adapter_for, check_splits, recipe_for
-from kshare.training.evaluate import check_classes, evaluate, logits_of
-from kshare.training.features import FeatureTaps, feature_loss, feature_points, matched_features
+from kshare.training.evaluate import check_classes, evaluate
 from kshare.training.precision import Setup, candidates, choose_setup, time_steps
 from kshare.training.resume import (
     config_changes,

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kshare.data import Adapter, ImageData
 from kshare.errors import DataError
+from kshare.fit.batchnorm import batch_norms
 from kshare.progress import ProgressFn, report
-from kshare.training.calibrate import batch_norms
-from kshare.training.data import Adapter, ImageData
 
 log = logging.getLogger(__name__)
 
@@ -202,12 +202,12 @@ def _run(model: nn.Module, x: torch.Tensor) -> None:
         pass
 
 
-def calibration_batches(data: ImageData, images: int, batch_size: int, adapter: Adapter, device: torch.device,
+def fit_batches(data: ImageData, images: int, batch_size: int, adapter: Adapter, device: torch.device,
                         seed: int = 0) -> list[torch.Tensor]:
-    """The calibration images as adapted batches on `device`: a seeded sample of `images` (class-
+    """The fit images as adapted batches on `device`: a seeded sample of `images` (class-
     balanced when labelled). Asking for more images than the data holds is an error, not a shrug."""
     if images > len(data.labels):
-        raise DataError(f"{data.name} holds {len(data.labels):,} images; {images:,} calibration images asked for")
+        raise DataError(f"{data.name} holds {len(data.labels):,} images; {images:,} fit images asked for")
     sample = data.subset(images, seed=seed) if images < len(data.labels) else data
     return [_fast_layout(adapter(sample.images[i : i + batch_size].to(device)))
             for i in range(0, len(sample.labels), batch_size)]

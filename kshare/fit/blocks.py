@@ -37,12 +37,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kshare.data import Adapter, ImageData
 from kshare.errors import TrainingError
+from kshare.fit.features import feature_loss, feature_points
+from kshare.fit.statistics import fit_batches
 from kshare.progress import ProgressFn, report
 from kshare.surgery.tie import plan_of
-from kshare.training.data import Adapter, ImageData
-from kshare.training.features import feature_loss, feature_points
-from kshare.training.statistics import calibration_batches
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def held_out_images(data: ImageData, taken: int, adapter: Adapter, device: torch
     rest = data.beyond(taken, HELD_OUT_IMAGES, seed)
     if rest is None:
         return None
-    return calibration_batches(rest, len(rest.labels), batch_size, adapter, device)
+    return fit_batches(rest, len(rest.labels), batch_size, adapter, device)
 
 
 def reconstruct(model: nn.Module, original: nn.Module, images: Sequence[torch.Tensor], *, steps: int,

@@ -1,5 +1,7 @@
 """BatchNorm recalibration: re-estimate running statistics after tying, from images alone.
 
+"Recalibrate" means only this in kshare; the images a fit reads are its *fit images*.
+
 Tying replaces each member's kernel by a shared one, so every BatchNorm after a tied conv
 normalises with statistics of activations that no longer exist; that, more than the kernel
 error itself, is why a freshly tied network often scores near chance. A few forward passes
@@ -15,9 +17,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from kshare.data import Adapter, ImageData, adapter_for
 from kshare.errors import TrainingError, param
-from kshare.training.data import Adapter, ImageData, adapter_for
-from kshare.training.runtime import Runtime, index_batches
 
 BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
 
@@ -42,8 +43,9 @@ def recalibrate_bn(model: nn.Module, data: ImageData, *, images: int = 2048, bat
     device = next(model.parameters()).device
     adapter = adapter or adapter_for(model, data)
     data = data.subset(images)
-    batches = (adapter(data.images[idx].to(device))
-               for idx in index_batches(len(data.labels), batch_size, Runtime(0, 1, device), None))
+    n = len(data.labels)
+    starts = [s for s in range(0, n, batch_size) if n - s > 1 or n == 1]  # BatchNorm cannot train on a lone image
+    batches = (adapter(data.images[s : s + batch_size].to(device)) for s in starts)
     return recalibrate_on(model, batches)
 
 

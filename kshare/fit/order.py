@@ -1,0 +1,228 @@
+"""The fit step: tie a trained network with shared kernels fitted to what each member outputs
+on real inputs (`kshare.fit.solve`), in one of two orders.
+
+Weight-space inits (`mean`, `norm_mean`) minimise the wrong error: a kernel close to its
+members' in weights can compute something far from them. GPTQ/OBC fit each layer's new weights
+to reproduce its outputs on calibration inputs, in closed form; here one kernel serves every
+member of a group at once, so the least-squares problem sums over the members.
+
+- `oneshot`: one pass of the untied network; every group fitted from its inputs there.
+- `sequential` (GPTQ's order): groups in network order, each fitted to the inputs of the
+  *partially tied* network (earlier groups fitted, BatchNorm re-estimated) against the untied
+  network's outputs (C = Σ x xᵀ̃), so each fit corrects what the ones before it changed instead
+  of compounding it. One paired, early-stopped pass per group.
+
+BatchNorm recalibration and block reconstruction come after this step; `kshare.retrofit` runs
+them in order.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kshare.analysis.inspect import analysis_mode
+from kshare.data.datasets import ImageData
+from kshare.data.feed import Adapter, adapter_for
+from kshare.errors import PlanError
+from kshare.fit.batchnorm import batch_norms
+from kshare.fit.blocks import UnitReconstruction, held_out_images, reconstruct
+from kshare.fit.config import FitConfig
+from kshare.fit.solve import Fitted, GroupFit, assign, effective, fit_group, refit_layer
+from kshare.fit.statistics import collect, fit_batches, supports
+from kshare.kernels import FITTED
+from kshare.planning.plan import Group, SharingPlan
+from kshare.planning.relaxation import Relaxation
+from kshare.progress import ProgressFn
+from kshare.surgery.relax import set_member_delta
+from kshare.surgery.tie import apply_plan, plan_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FitReport:
+    mode: str
+    images: int
+    seconds: float
+    groups: tuple[GroupFit, ...]
+    recalibrated: int  # BatchNorm layers re-estimated (0: none, or recalibration off)
+    compensated: int = 0  # unshared layers refitted to their original outputs (sequential, `compensate`)
+    reconstructed: tuple[UnitReconstruction, ...] = ()  # units trained after the fit (`reconstruct`)
+
+
+def following_batchnorms(model: nn.Module, members: Sequence[str], x: torch.Tensor) -> set[str]:
+    """The members whose output feeds a BatchNorm directly (conv → BN): their statistics are
+    centred, since that BatchNorm removes each channel's mean."""
+    modules = dict(model.named_modules())
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}  # the tensor is kept: a freed one's id may be reused
+    followed: set[str] = set()
+
+    def after_conv(name: str):  # type: ignore[no-untyped-def]
+        def hook(_: nn.Module, __: object, out: torch.Tensor) -> None:
+            outputs[id(out)] = (name, out)
+        return hook
+
+    def before_norm(_: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if inputs and id(inputs[0]) in outputs and outputs[id(inputs[0])][1] is inputs[0]:
+            followed.add(outputs[id(inputs[0])][0])
+
+    handles = [modules[m].register_forward_hook(after_conv(m)) for m in members]
+    handles += [m.register_forward_pre_hook(before_norm) for m in batch_norms(model)]
+    _probe(model, x[:2], handles)
+    return followed
+
+
+def _probe(model: nn.Module, x: torch.Tensor, handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+    """One forward of `x` for the hooks behind `handles` (removed after), changing nothing."""
+    try:
+        with analysis_mode(model):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def fit_kernels(model: nn.Module, plan: SharingPlan, batches: Sequence[torch.Tensor], config: FitConfig = FitConfig(),
+                progress: ProgressFn | None = None) -> FitReport:
+    """Tie the untied `model` in place by `plan`, each group's shared kernel (and relaxation) fitted
+    to what its members output on `batches` (model input, on the model's device: `fit_batches`).
+    Each group's `error` (weights) and `output_error` (outputs on those images) go into the
+    attached plan. Groups of convs a fit cannot read are tied with the mean kernel, as said.
+    BatchNorm statistics are left as they were (`recalibrated` 0): the pipeline re-estimates them."""
+    if plan_of(model) is not None:
+        raise PlanError("a data fit needs the untied model (its members' own kernels are the targets): "
+                        "fit before tying, or untie first")
+    if not plan.groups:
+        raise PlanError("the plan ties no group: there is nothing to fit")
+    start = time.perf_counter()
+    plan.validate(model)
+    relaxation = Relaxation.parse(plan.relax)
+    modules = dict(model.named_modules())
+    readable = [g for g in plan.groups if all(supports(modules[m]) for m in g.members)]
+    members = [m for g in readable for m in g.members]
+    centred = following_batchnorms(model, members, batches[0]) if members else set()
+    fits: dict[str, Fitted] = {}
+    refits: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    if config.mode == "oneshot":
+        moments = collect(model, members, batches, positions=config.positions, seed=config.seed, progress=progress)
+        for group in readable:
+            fits[group.name] = fit_group(group, [modules[m] for m in group.members], moments, centred, relaxation,
+                                          plan.share_bias, config)
+    else:
+        work = copy.deepcopy(model)  # the partially tied network: fitted kernels copied into each member
+        work_modules = dict(work.named_modules())
+        units = _units(model, readable, batches[0], config.compensate)
+        centred |= following_batchnorms(model, [n for u in units if isinstance(u, list) for n in u], batches[0])
+        for index, unit in enumerate(units):  # in execution order
+            names = list(unit.members) if isinstance(unit, Group) else unit
+            # what the fits before it changed reaches BatchNorm too: re-estimated in the same pass
+            moments = collect(work, names, batches, source=model, positions=config.positions, seed=config.seed,
+                              recalibrate=index > 0, progress=progress, task=f"statistics {index + 1}/{len(units)}")
+            with torch.no_grad():
+                if isinstance(unit, list):  # unshared layers after a tied group: refit to their original outputs
+                    for name in unit:
+                        refits[name] = refit_layer(modules[name], moments[name], name in centred, config.damp)
+                        assign(work_modules[name], *refits[name])
+                    continue
+                fitted = fits[unit.name] = fit_group(unit, [modules[m] for m in unit.members], moments, centred,
+                                                      relaxation, plan.share_bias, config)
+                for i, name in enumerate(unit.members):
+                    assign(work_modules[name], effective(fitted, i, work_modules[name].weight.shape), fitted.bias)
+        del work
+    kernels = {name: (f.weight.reshape(modules[_first(plan, name)].weight.shape), f.bias) for name, f in fits.items()}
+    groups = tuple(dataclasses.replace(g, init=FITTED, error=fits[g.name].report.weight_error,
+                                       output_error=fits[g.name].report.output_error) if g.name in fits
+                   else dataclasses.replace(g, init="mean") for g in plan.groups)
+    fitted_plan = dataclasses.replace(plan, groups=groups)
+    apply_plan(model, fitted_plan, kernels=kernels)
+    for group in readable:
+        for i, name in enumerate(group.members):
+            set_member_delta(modules[name], fits[group.name].scales[i], fits[group.name].loras[i])
+    with torch.no_grad():
+        for name, (weight, bias) in refits.items():
+            assign(modules[name], weight, bias)
+    reports = tuple(fits[g.name].report if g.name in fits else
+                    GroupFit(g.name, len(g.members), float("nan"), float("nan"), float("nan"), fitted=False)
+                    for g in plan.groups)
+    skipped = [g.name for g in plan.groups if g.name not in fits]
+    if skipped:
+        log.warning(f"groups {', '.join(skipped)} hold convolutions a data fit cannot read (transposed or 3-D): "
+                    "tied with their members' mean kernel")
+    return FitReport(config.mode, sum(len(b) for b in batches), time.perf_counter() - start, reports, 0, len(refits))
+
+
+def reconstruct_fitted(model: nn.Module, original: nn.Module, data: ImageData, batches: Sequence[torch.Tensor],
+                       config: FitConfig, adapter: Adapter, device: torch.device, progress: ProgressFn | None = None
+                       ) -> tuple[UnitReconstruction, ...]:
+    """Block reconstruction of the fitted `model` for `config.reconstruct` steps per unit on its
+    fit `batches` (or `config.reconstruct_images` of the same seeded order), each unit judged on
+    images of `data` that neither sample took."""
+    taken = config.images
+    if config.reconstruct_images is not None and config.reconstruct_images != config.images:
+        taken = config.reconstruct_images
+        batches = fit_batches(data, taken, config.batch_size, adapter, device, config.seed)
+    held_out = held_out_images(data, max(taken, config.images), adapter, device, config.seed, config.batch_size)
+    return reconstruct(model, original, batches, steps=config.reconstruct, lr=config.reconstruct_lr,
+                       held_out=held_out, seed=config.seed, progress=progress)
+
+
+def _units(model: nn.Module, groups: list[Group], x: torch.Tensor, compensate: bool) -> list[Group | list[str]]:
+    """What a sequential fit visits, in execution order: each group, and (with `compensate`) the
+    unshared convolutions and linear layers that run after the first group, refitted so that what
+    the groups before them changed reaches the layers after them as little as possible."""
+    order: dict[str, int] = {}
+    names = {m: n for n, m in model.named_modules() if supports(m)}
+
+    def seen(module: nn.Module, *_: object) -> None:
+        order.setdefault(names[module], len(order))
+
+    _probe(model, x[:1], [m.register_forward_pre_hook(seen) for m in names])
+    grouped = {m for g in groups for m in g.members}
+    first = min((order[m] for m in grouped if m in order), default=len(order))
+    layers = [n for n in order if n not in grouped and order[n] > first] if compensate else []
+    ordered = sorted([*groups, *layers], key=lambda u: min(order.get(m, 0) for m in u.members)
+                     if isinstance(u, Group) else order[u])
+    units: list[Group | list[str]] = []
+    for unit in ordered:  # consecutive unshared layers share one pass (a block's first conv and its shortcut)
+        if isinstance(unit, str) and units and isinstance(units[-1], list):
+            units[-1].append(unit)
+        else:
+            units.append([unit] if isinstance(unit, str) else unit)
+    return units
+
+
+def output_metric(model: nn.Module, names: Sequence[str], data: ImageData, config: FitConfig = FitConfig(), *,
+                  image_size: int | None = None, device: str | torch.device | None = None,
+                  progress: ProgressFn | None = None) -> dict[str, tuple[torch.Tensor, float]] | None:
+    """Each named conv's input Gram and output energy on `data` (one pass of the untied model; centred
+    where a BatchNorm follows): what a budget plan needs to group kernels by output error
+    (`build_plan(..., metric=)`). None, with a warning, when a conv cannot be read."""
+    modules = dict(model.named_modules())
+    unreadable = [n for n in names if not supports(modules[n])]
+    if unreadable:
+        log.warning(f"{unreadable[0]} cannot be read by a data fit: the budget plan groups kernels by weight error")
+        return None
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(dev)
+    batches = fit_batches(data, config.images, config.batch_size, adapter_for(model, data, image_size), dev,
+                                  config.seed)
+    centred = following_batchnorms(model, names, batches[0])
+    moments = collect(model, names, batches, positions=config.positions, seed=config.seed, progress=progress,
+                      task="statistics for the budget plan")
+    found = {}
+    for name in names:
+        gram, _, energy = moments[name].centred() if name in centred else moments[name].raw()
+        found[name] = (gram, energy)
+    return found
+
+
+def _first(plan: SharingPlan, group: str) -> str:
+    return next(g.members[0] for g in plan.groups if g.name == group)
