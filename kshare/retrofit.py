@@ -172,7 +172,7 @@ def retrofit(
     images = None
     if data is not None:
         asked = [fit.images, fit.reconstruct_images or 0] if fit is not None else []
-        asked += [recal.images or 512] if recal is not None else []
+        asked += [recal.images or (fit.images if fit is not None else 512)] if recal is not None else []
         need = None if finetune is not None else (held_out + max(asked, default=0)) or None
         images = as_image_data(data, transform=transform, limit=need, image_size=decode_size(model, image_size))
     if finetune is not None and images is not None and not images.labelled:
@@ -185,10 +185,10 @@ def retrofit(
         check_classes(model, test, adapter_for(model, test, image_size), dev)
     if images is not None and adapter is not None and images.labelled and isinstance(data, (str, Path, ImageData)):
         check_classes(model, images, adapter, dev)  # labels another number of classes: likely not the model's data
-    plan = _plan(model, policy, images, fit, relax, input_size, options)
-    original = copy.deepcopy(model)  # the reference of every measure, the teacher and the reconstruction's targets
-
     fit_n, held = _sample_sizes(images, fit, recal, held_out)
+    plan = _plan(model, policy, images, dataclasses.replace(fit, images=fit_n) if fit is not None else None, relax,
+                 input_size, options)
+    original = copy.deepcopy(model)  # the reference of every measure, the teacher and the reconstruction's targets
     probe: list[torch.Tensor] = []
     labels = None
     seed = fit.seed if fit else 0
