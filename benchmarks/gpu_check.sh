@@ -29,9 +29,9 @@ if [ -n "${FMNIST:-}" ]; then mkdir -p /usr/share/datasets/fashion-mnist && cp "
 K="python3 -m kshare.cli"
 if [ -n "${WEIGHTS:-}" ]; then
   W="resnet18 -k num_classes=10 --weights $WEIGHTS --groups stage --data fashion-mnist --image-size 32"
-  step must_show 60 bash -c "$K apply $W --fit data --calib-images 512 --device cuda --out /tmp/fit.pt && \
+  step must_show 60 bash -c "$K apply $W --fit data --fit-images 512 --device cuda --out /tmp/fit.pt && \
     $K eval /tmp/fit.pt --data fashion-mnist --image-size 32 --device cuda"
-  step retrofit 120 $K retrofit $W --calib-images 512 --reconstruct 400 --reconstruct-images 2048 --epochs 1 \
+  step retrofit 120 $K retrofit $W --fit-images 512 --reconstruct 400 --reconstruct-images 2048 --epochs 1 \
     --limit-train 18048 --lr 3e-4 --warmup 0.25 --feature-weight 10 --device cuda --out /tmp/r.pt
 fi
 step fit_speed 90 python3 benchmarks/fit_speed.py --device cuda
