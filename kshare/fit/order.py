@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class FitReport:
+    """What the fit did: its mode, how many images it read, how long it took, each group's
+    errors; the pipeline adds the BatchNorm layers it re-estimated and the units it trained."""
+
     mode: str
     images: int
     seconds: float
