@@ -49,6 +49,11 @@ def test_patches_match_unfold_for_every_conv_setting() -> None:
         expected = unfolded.reshape(2, g, -1, positions).permute(1, 2, 0, 3).reshape(g, -1, 2 * positions)
         got = patches(conv, x)
         torch.testing.assert_close(got, expected)
+        # a channels-last map gives the same windows (picked as rows of channels), bit for bit
+        assert torch.equal(patches(conv, x.contiguous(memory_format=torch.channels_last)), got)
+        sampled = torch.tensor([positions - 1, 0, positions // 2])
+        assert torch.equal(patches(conv, x, sampled).reshape(g, -1, 2, 3), expected.reshape(g, -1, 2, positions)
+                           [..., sampled])
         out = conv(x)  # and the kernel's blocks times the patches are the conv's outputs
         blocks = conv.weight.reshape(g, conv.out_channels // g, -1)
         recon = (blocks @ got).reshape(conv.out_channels, 2, -1).permute(1, 0, 2).reshape(out.shape)

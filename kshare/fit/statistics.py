@@ -13,7 +13,7 @@ with the patch sums and energies in float64).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,18 +41,22 @@ def _pairs(value: Any) -> tuple[int, int]:
     return (1, int(value[0])) if len(value) == 1 else (int(value[0]), int(value[1]))
 
 
-def _padded(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The input padded as the conv pads it (zeros, or its padding mode; `same` worked out)."""
+def _padding(conv: nn.Module) -> tuple[int, int, int, int]:
+    """How the conv pads its input: (left, right, top, bottom); `same` worked out."""
     kh, kw = _pairs(conv.kernel_size)
     dh, dw = _pairs(conv.dilation)
     if conv.padding == "same":
         total = (dh * (kh - 1), dw * (kw - 1))
-        pad = (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2)
-    elif conv.padding == "valid":
-        pad = (0, 0, 0, 0)
-    else:
-        ph, pw = (0, int(conv.padding[0])) if len(conv.padding) == 1 else _pairs(conv.padding)
-        pad = (pw, pw, ph, ph)
+        return total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2
+    if conv.padding == "valid":
+        return 0, 0, 0, 0
+    ph, pw = (0, int(conv.padding[0])) if len(conv.padding) == 1 else _pairs(conv.padding)
+    return pw, pw, ph, ph
+
+
+def _padded(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input padded as the conv pads it (zeros, or its padding mode)."""
+    pad = _padding(conv)
     if not any(pad):
         return x
     mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
@@ -62,28 +66,44 @@ def _padded(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def patches(conv: nn.Module, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
     """The input windows `conv` reads, as (G, F, N·P) float32: group, fan-in, one column per
     image and sampled output position (`positions`: flat output indices; None: all of them).
-    Gathered at the sampled positions only, so a large feature map is never unfolded whole. A
-    linear layer's patches are its input vectors."""
+    Gathered at the sampled positions only, so a large feature map is never unfolded (nor, with
+    zero padding, padded) whole: the window elements are picked by flat index, those in the
+    padding masked to zero; from a channels-last map a pick is one contiguous row of channels.
+    A linear layer's patches are its input vectors."""
     if isinstance(conv, nn.Linear):
         rows = x.reshape(-1, x.shape[-1]).float()
         return (rows if positions is None else rows[positions]).T[None]
     if x.ndim == 3:  # Conv1d: a 2-D input of height 1
         x = x.unsqueeze(2)
-    x = _padded(conv, x.float())
-    _, c, h, w = x.shape
+    x = x.float()
+    if conv.padding_mode == "zeros":
+        left, right, top, bottom = _padding(conv)
+    else:
+        x, left, right, top, bottom = _padded(conv, x), 0, 0, 0, 0
+    n, c, h, w = x.shape
     kh, kw = _pairs(conv.kernel_size)
     sh, sw = _pairs(conv.stride)
     dh, dw = _pairs(conv.dilation)
-    out_h, out_w = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    out_h = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    out_w = (w + left + right - dw * (kw - 1) - 1) // sw + 1
     if positions is None:
         positions = torch.arange(out_h * out_w, device=x.device)
+    p = len(positions)
     oy, ox = positions // out_w, positions % out_w
-    rows = oy[:, None, None] * sh + torch.arange(kh, device=x.device)[None, :, None] * dh
-    cols = ox[:, None, None] * sw + torch.arange(kw, device=x.device)[None, None, :] * dw
-    windows = x[:, :, rows, cols]  # (N, C, P, kh, kw)
-    groups = conv.groups
-    cols_per_group = (c // groups) * kh * kw
-    return windows.permute(1, 3, 4, 0, 2).reshape(groups, cols_per_group, -1)
+    ys = (oy[:, None, None] * sh + torch.arange(kh, device=x.device)[None, :, None] * dh - top).expand(p, kh, kw)
+    xs = (ox[:, None, None] * sw + torch.arange(kw, device=x.device)[None, None, :] * dw - left).expand(p, kh, kw)
+    inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+    flat = (ys.clamp(0, h - 1) * w + xs.clamp(0, w - 1)).reshape(-1)
+    g = conv.groups
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        picked = x.permute(0, 2, 3, 1).reshape(n, h * w, c).index_select(1, flat).reshape(n, p, kh, kw, c)
+        if not bool(inside.all()):
+            picked = picked * inside[None, ..., None]
+        return picked.reshape(n, p, kh, kw, g, c // g).permute(4, 5, 2, 3, 0, 1).reshape(g, (c // g) * kh * kw, -1)
+    picked = x.reshape(n, c, h * w).index_select(2, flat).reshape(n, c, p, kh, kw)
+    if not bool(inside.all()):
+        picked = picked * inside[None, None]
+    return picked.permute(1, 3, 4, 0, 2).reshape(g, (c // g) * kh * kw, -1)
 
 
 def output_positions(conv: nn.Module, x: torch.Tensor) -> int:
@@ -195,13 +215,6 @@ def _stable(name: str) -> int:
     return sum((i + 1) * ord(c) for i, c in enumerate(name))
 
 
-def _run(model: nn.Module, x: torch.Tensor) -> None:
-    try:
-        model(x)
-    except _Enough:
-        pass
-
-
 def fit_batches(data: ImageData, images: int, batch_size: int, adapter: Adapter, device: torch.device,
                         seed: int = 0) -> list[torch.Tensor]:
     """The fit images as adapted batches on `device`: a seeded sample of `images` (class-
@@ -223,14 +236,26 @@ def _fast_layout(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def collect(model: nn.Module, members: Sequence[str], batches: Sequence[torch.Tensor], *,
             source: nn.Module | None = None, positions: int = 64, seed: int = 0, recalibrate: bool = False,
-            progress: ProgressFn | None = None, task: str = "statistics") -> dict[str, Moments]:
+            progress: ProgressFn | None = None, task: str = "statistics",
+            forward: Callable[[nn.Module, int], None] | None = None) -> dict[str, Moments]:
     """Moments of `members`' inputs in `model` over `batches` (eval mode, no gradient).
 
     With `source` (the untied original), each batch also runs through it first, at the same
     sampled positions, for the cross sums and the original outputs' energy. The forward stops
     once every member has seen the batch. `recalibrate`: the same pass re-estimates `model`'s
     BatchNorm statistics up to the members (their layers normalise each batch by its own
-    statistics meanwhile, which at calibration batch sizes match what they accumulate)."""
+    statistics meanwhile, which at calibration batch sizes match what they accumulate).
+    `forward(net, index)` runs batch `index` through `net` (default: `batches[index]` from the
+    input; the cached sequential fit runs it from its activations at a cut instead)."""
+    def run(net: nn.Module, index: int) -> None:
+        try:
+            if forward is not None:
+                forward(net, index)
+            else:
+                net(batches[index])
+        except _Enough:  # every member has seen the batch
+            pass
+
     convs = dict(model.named_modules())
     originals = dict(source.named_modules()) if source is not None else convs
     found: dict[str, Moments] = {}
@@ -246,13 +271,13 @@ def collect(model: nn.Module, members: Sequence[str], batches: Sequence[torch.Te
         norm.momentum = None  # a cumulative average over the batches
         norm.train()
     try:
-        for index, x in enumerate(batches):
+        for index in range(len(batches)):
             collector.batch = source_collector.batch = index
             collector.done, source_collector.done = set(), set()
             held: dict[str, torch.Tensor] = {}
             if source is not None:
                 with source_collector.watching(source, lambda name, conv, p, held=held: held.__setitem__(name, p)):
-                    _run(source, x)
+                    run(source, index)
 
             def keep(name: str, conv: nn.Module, p: torch.Tensor, held: dict[str, torch.Tensor] = held) -> None:
                 m = found.get(name)
@@ -276,7 +301,7 @@ def collect(model: nn.Module, members: Sequence[str], batches: Sequence[torch.Te
                     m.source_total = total if m.source_total is None else m.source_total + total
 
             with collector.watching(model, keep):
-                _run(model, x)
+                run(model, index)
             report(progress, task, index + 1, len(batches))
     finally:
         for m, flag in modes:
