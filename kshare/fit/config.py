@@ -22,7 +22,9 @@ class FitConfig:
     `reconstruct` > 0 then trains each unit of blocks for that many steps towards the untied
     outputs (`kshare.fit.blocks`), at `reconstruct_lr`, on `reconstruct_images` of the
     same seeded order (default: the fit's own; the closed form is done by about 512, while the
-    reconstruction, which trains, keeps gaining from more)."""
+    reconstruction, which trains, keeps gaining from more). `cache`: the sequential fit keeps
+    each stream's activations at a cut before the group it fits instead of running every pass
+    from the input (`kshare.fit.segments`), within `cache_memory` bytes (`kshare.fit.cache`)."""
 
     mode: str = "sequential"
     images: int = 512
@@ -36,6 +38,8 @@ class FitConfig:
     reconstruct: int = 0
     reconstruct_lr: float = 1e-3
     reconstruct_images: int | None = None
+    cache: bool = True
+    cache_memory: int = 4 << 30
 
     def __post_init__(self) -> None:
         if self.mode not in FIT_MODES:
@@ -43,6 +47,9 @@ class FitConfig:
         if self.weighting not in WEIGHTINGS:
             raise TrainingError(f"unknown weighting {self.weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
         counts: tuple[tuple[str, int], ...] = (("images", 1), ("batch_size", 1), ("positions", 1), ("reconstruct", 0))
+        if isinstance(self.cache_memory, bool) or not isinstance(self.cache_memory, int) or self.cache_memory < 0:
+            raise TrainingError(f"{param('cache_memory')} must be a whole number of bytes, at least 0, "
+                                f"got {self.cache_memory!r}")
         if self.reconstruct_images is not None:  # None: the fit's own images
             counts += (("reconstruct_images", 1),)
         for name, low in counts:

@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ from kshare.fit.blocks import UnitReconstruction, held_out_images, reconstruct
 from kshare.fit.config import FitConfig
 from kshare.fit.solve import Fitted, GroupFit, assign, effective, fit_group, refit_layer
 from kshare.fit.statistics import collect, fit_batches, supports
+from kshare.fit.streams import paired_streams
 from kshare.kernels import FITTED
 from kshare.planning.plan import Group, SharingPlan
 from kshare.planning.relaxation import Relaxation
@@ -45,6 +47,8 @@ from kshare.surgery.relax import set_member_delta
 from kshare.surgery.tie import apply_plan, plan_of
 
 log = logging.getLogger(__name__)
+
+Refit = tuple[torch.Tensor, torch.Tensor | None]  # an unshared layer's refitted weight and bias
 
 
 @dataclass(frozen=True)
@@ -121,24 +125,9 @@ def fit_kernels(model: nn.Module, plan: SharingPlan, batches: Sequence[torch.Ten
                                           plan.share_bias, config)
     else:
         work = copy.deepcopy(model)  # the partially tied network: fitted kernels copied into each member
-        work_modules = dict(work.named_modules())
         units = _units(model, readable, batches[0], config.compensate)
         centred |= following_batchnorms(model, [n for u in units if isinstance(u, list) for n in u], batches[0])
-        for index, unit in enumerate(units):  # in execution order
-            names = list(unit.members) if isinstance(unit, Group) else unit
-            # what the fits before it changed reaches BatchNorm too: re-estimated in the same pass
-            moments = collect(work, names, batches, source=model, positions=config.positions, seed=config.seed,
-                              recalibrate=index > 0, progress=progress, task=f"statistics {index + 1}/{len(units)}")
-            with torch.no_grad():
-                if isinstance(unit, list):  # unshared layers after a tied group: refit to their original outputs
-                    for name in unit:
-                        refits[name] = refit_layer(modules[name], moments[name], name in centred, config.damp)
-                        assign(work_modules[name], *refits[name])
-                    continue
-                fitted = fits[unit.name] = fit_group(unit, [modules[m] for m in unit.members], moments, centred,
-                                                      relaxation, plan.share_bias, config)
-                for i, name in enumerate(unit.members):
-                    assign(work_modules[name], effective(fitted, i, work_modules[name].weight.shape), fitted.bias)
+        fits, refits = _sequential(model, work, units, batches, config, centred, relaxation, plan.share_bias, progress)
         del work
     kernels = {name: (f.weight.reshape(modules[_first(plan, name)].weight.shape), f.bias) for name, f in fits.items()}
     groups = tuple(dataclasses.replace(g, init=FITTED, error=fits[g.name].report.weight_error,
@@ -160,6 +149,45 @@ def fit_kernels(model: nn.Module, plan: SharingPlan, batches: Sequence[torch.Ten
         log.warning(f"groups {', '.join(skipped)} hold convolutions a data fit cannot read (transposed or 3-D): "
                     "tied with their members' mean kernel")
     return FitReport(config.mode, sum(len(b) for b in batches), time.perf_counter() - start, reports, 0, len(refits))
+
+
+def _sequential(model: nn.Module, work: nn.Module, units: list[Group | list[str]], batches: Sequence[torch.Tensor],
+                config: FitConfig, centred: set[str], relaxation: Relaxation, share_bias: bool,
+                progress: ProgressFn | None) -> tuple[dict[str, Fitted], dict[str, Refit]]:
+    """The sequential order: each unit fitted on the partially tied `work` against the untied
+    `model`, its fitted kernels copied into `work` before the next; both streams kept at the cut
+    before each unit (`kshare.fit.streams`) unless `config.cache` is off or the network does not trace."""
+    modules, work_modules = dict(model.named_modules()), dict(work.named_modules())
+    fits: dict[str, Fitted] = {}
+    refits: dict[str, Refit] = {}
+    names_of = [list(u.members) if isinstance(u, Group) else u for u in units]
+    start = time.perf_counter()
+    cached = paired_streams(model, work, batches, names_of, config.cache_memory, progress) if config.cache \
+        else nullcontext(None)
+    with cached as streams:
+        for index, (unit, names) in enumerate(zip(units, names_of, strict=True)):  # in execution order
+            label = f"unit {index + 1}/{len(units)} ({unit.name if isinstance(unit, Group) else ', '.join(names)})"
+            forward = None
+            if streams is not None:
+                streams.reach(names, index > 0, f"activations, {label}")
+                forward = streams.forward
+            # what the fits before it changed reaches BatchNorm too: re-estimated in the same pass
+            moments = collect(work, names, batches, source=model, positions=config.positions, seed=config.seed,
+                              recalibrate=index > 0, progress=progress, task=f"statistics, {label}", forward=forward)
+            with torch.no_grad():
+                if isinstance(unit, list):  # unshared layers after a tied group: refit to their original outputs
+                    for name in unit:
+                        refits[name] = refit_layer(modules[name], moments[name], name in centred, config.damp)
+                        assign(work_modules[name], *refits[name])
+                else:
+                    fitted = fits[unit.name] = fit_group(unit, [modules[m] for m in unit.members], moments, centred,
+                                                          relaxation, share_bias, config)
+                    for i, name in enumerate(unit.members):
+                        assign(work_modules[name], effective(fitted, i, work_modules[name].weight.shape), fitted.bias)
+            elapsed = time.perf_counter() - start
+            log.info(f"{label}: {sum(len(b) for b in batches):,} images, {elapsed:.1f} s, "
+                     f"ETA {elapsed / (index + 1) * (len(units) - index - 1):.0f} s")
+    return fits, refits
 
 
 def reconstruct_fitted(model: nn.Module, original: nn.Module, data: ImageData, batches: Sequence[torch.Tensor],
