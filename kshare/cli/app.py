@@ -61,9 +61,9 @@ app = typer.Typer(
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Python parameters with a flag of the same name here (`image_size` → `--image-size`), and those whose flag differs.
-FLAGGED = frozenset("""alpha batch_size budgets calib_images channels_last clip_grad compile data data_root device
-    distill epochs exclude feature_weight fit fit_images fit_mode groups held_out image_size images include init
-    input_size label_smoothing
+FLAGGED = frozenset("""alpha batch_size budgets cache_memory calib_images channels_last clip_grad compile data
+    data_root device distill epochs exclude feature_weight fit fit_cache fit_images fit_mode groups held_out image_size
+    images include init input_size label_smoothing
     limit_test limit_train lr match min_size model momentum opset optimizer out plan precision reconstruct
     reconstruct_images relax resume seed seeds share_bias teacher teacher_weights temperature trust_code weight_decay
     weights""".split())
@@ -226,6 +226,12 @@ ReconstructImagesOpt = Annotated[int | None, typer.Option(
     help="Images the block reconstruction trains on: the same seeded sample as --fit-images, extended "
          "(default: those; more keep helping after the fit has stopped gaining).", show_default=False,
     rich_help_panel=FIT)]
+FitCacheOpt = Annotated[bool, typer.Option(
+    help="The sequential fit keeps both networks' activations at the cut before each group instead of running "
+         "every pass from the input (same kernels; off: the old passes).", rich_help_panel=FIT)]
+CacheMemoryOpt = Annotated[float, typer.Option(
+    help="GiB the sequential fit's activation caches may take in memory: float32 within it, else float16, "
+         "else float16 memory-mapped on disk (0: always on disk).", min=0.0, rich_help_panel=FIT)]
 HeldOutOpt = Annotated[int, typer.Option(help="Images of --data no step reads, where fidelity to the untied model "
                                               "is measured (fewer when the data is small; 0: none).",
                                          rich_help_panel=DATA)]

@@ -28,10 +28,12 @@ from kshare.cli.app import (
     MODEL,
     OUTPUT,
     PLAN,
+    CacheMemoryOpt,
     ConfigOpt,
     DataRootOpt,
     DeviceOpt,
     F,
+    FitCacheOpt,
     FitImagesOpt,
     FitModeOpt,
     FitOpt,
@@ -200,6 +202,8 @@ def apply(
     fit_mode: FitModeOpt = "sequential",
     reconstruct: ReconstructOpt = 0,
     reconstruct_images: ReconstructImagesOpt = None,
+    fit_cache: FitCacheOpt = True,
+    cache_memory: CacheMemoryOpt = 4.0,
     device: DeviceOpt = None,
 ) -> None:
     """Tie the sharing groups of a model and save it: each shared kernel is stored once.
@@ -245,7 +249,8 @@ def apply(
     if fit == "data":
         assert data is not None
         config = FitConfig(mode=fit_mode, images=fit_images, reconstruct=reconstruct,
-                           reconstruct_images=reconstruct_images, seed=seed)
+                           reconstruct_images=reconstruct_images, seed=seed, cache=fit_cache,
+                           cache_memory=int(cache_memory * 2**30))
         images = load_data(data, "train", data_root, decode_size(net, image_size))
         with progress_bars() as progress:
             report = retrofit(net, chosen, images, fit=config, relax=request.relax, held_out=held_out,

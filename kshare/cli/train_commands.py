@@ -20,6 +20,7 @@ from kshare.cli.app import (
     FIT,
     OUTPUT,
     PLAN,
+    CacheMemoryOpt,
     ChannelsLastOpt,
     CompileOpt,
     ConfigOpt,
@@ -27,6 +28,7 @@ from kshare.cli.app import (
     DataRootOpt,
     DeviceOpt,
     FeatureWeightOpt,
+    FitCacheOpt,
     FitImagesOpt,
     FitModeOpt,
     HeldOutOpt,
@@ -359,6 +361,8 @@ def retrofit(
     fit_mode: FitModeOpt = "sequential",
     reconstruct: ReconstructOpt = 0,
     reconstruct_images: ReconstructImagesOpt = None,
+    fit_cache: FitCacheOpt = True,
+    cache_memory: CacheMemoryOpt = 4.0,
     epochs: Annotated[int, typer.Option(help="Fine-tune epochs after the fit (0: none; needs labelled data).",
                                         rich_help_panel=FINETUNE)] = 0,
     distill: Annotated[bool, typer.Option(help="Distil the fine-tune from the untied model.",
@@ -387,7 +391,7 @@ def retrofit(
                                image_size=image_size, warmup_epochs=warmup, feature_weight=feature_weight
                                ) if epochs else None
     config = FitConfig(mode=fit_mode, images=fit_images, seed=seed, reconstruct=reconstruct,
-                       reconstruct_images=reconstruct_images)
+                       reconstruct_images=reconstruct_images, cache=fit_cache, cache_memory=int(cache_memory * 2**30))
     net, spec = request.build()
     size = decode_size(net, image_size)
     train_data = load_data(data, "train", data_root, size)

@@ -1,0 +1,149 @@
+"""The cached sequential fit: cuts of a traced graph, activation caches within a memory budget,
+and the same kernels as the fit that runs every pass from the input."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torchvision
+from conftest import DataDependentNet, ResidualBNNet
+from torch import nn
+from typer.testing import CliRunner
+
+import kshare
+from kshare import FitConfig, fit_and_tie
+from kshare.cli import app
+from kshare.data import ImageData
+from kshare.errors import TrainingError
+from kshare.fit.cache import ActivationCache, Storage, choose_storage
+from kshare.fit.segments import Segments
+
+EXACT = 0.0  # float32 caches: the same operations on the same values, so the same bits
+HALF = 3e-2  # float16 caches: largest relative change of any weight (measured: 1.4e-2, resnet18's fc)
+
+
+def _images(n: int, size: int, channels: int = 3) -> ImageData:
+    gen = torch.Generator().manual_seed(0)
+    return ImageData("random", "train", torch.randint(0, 256, (n, channels, size, size), generator=gen,
+                                                      dtype=torch.uint8),
+                     torch.zeros(n, dtype=torch.long), ("x",), (0.5,) * channels, (0.25,) * channels, labelled=False)
+
+
+def _fit(model: nn.Module, policy: str, data: ImageData, size: int, **config: object) -> dict[str, torch.Tensor]:
+    model = copy.deepcopy(model)
+    plan = kshare.plan(model, policy, input_size=(data.images.shape[1], size, size))
+    fit_and_tie(model, plan, data, FitConfig(images=len(data.labels), batch_size=32, **config))  # type: ignore[arg-type]
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+def _largest_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest relative change of any weight (not BatchNorm's running statistics, which the
+    pipeline re-estimates after the fit: a mean near zero changes by a large fraction of itself)."""
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) for k in a if "running_" not in k)
+
+
+@pytest.fixture(scope="module")
+def resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).eval()
+
+
+@pytest.fixture(scope="module")
+def lite0() -> nn.Module:
+    """timm's tf_efficientnet_lite0: dynamically padded convs, BatchNorm with its activation, depthwise."""
+    torch.manual_seed(0)
+    return timm.create_model("tf_efficientnet_lite0", num_classes=10).eval()
+
+
+@pytest.mark.parametrize(("name", "policy", "size"), [("resnet18", "stage", 32), ("lite0", "stage", 64)])
+def test_cached_fit_gives_the_uncached_kernels(name: str, policy: str, size: int, request: pytest.FixtureRequest,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    model = request.getfixturevalue(name)
+    data = _images(64, size)
+    with caplog.at_level(logging.INFO, logger="kshare"):
+        cached = _fit(model, policy, data, size)
+    assert "kept in memory as float32" in caplog.text
+    uncached = _fit(model, policy, data, size, cache=False)
+    assert _largest_change(cached, uncached) <= EXACT
+    # and the fit changed something: the comparison is not of two untouched models
+    original = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    assert _largest_change(cached, original) > 0.05
+
+
+def test_a_tiny_budget_spills_to_disk_and_gives_the_same_kernels(resnet18: nn.Module, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    data = _images(64, 32)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    uncached = _fit(resnet18, "stage", data, 32, cache=False)
+    with caplog.at_level(logging.INFO, logger="kshare"):
+        on_disk = _fit(resnet18, "stage", data, 32, cache_memory=0)
+        # the largest cache here is 64 images x 64 x 8 x 8 floats (1 MiB): float16 of four fits in 3 MiB
+        in_memory = _fit(resnet18, "stage", data, 32, cache_memory=3 << 20)
+    assert "on disk as float16 (memory-mapped)" in caplog.text and "in memory as float16" in caplog.text
+    assert _largest_change(on_disk, in_memory) <= EXACT  # the same float16 values, wherever they are kept
+    assert 0 < _largest_change(on_disk, uncached) <= HALF
+    assert not list(tmp_path.iterdir())  # the memory-mapped files are gone with the fit
+
+
+def test_a_network_that_does_not_trace_is_fitted_the_old_way(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = DataDependentNet().eval()
+    data = _images(32, 16)
+    with caplog.at_level(logging.INFO, logger="kshare"):
+        cached = _fit(model, "all", data, 16)
+    assert "does not trace" in caplog.text
+    assert _largest_change(cached, _fit(model, "all", data, 16, cache=False)) <= EXACT
+
+
+def test_segments_run_from_any_cut() -> None:
+    """From the activations at any cut the rest of the graph gives the network's own output;
+    the residual net's cuts are where its blocks meet."""
+    torch.manual_seed(0)
+    for model in (ResidualBNNet(in_chans=3).eval(), torchvision.models.densenet121(num_classes=5).eval()):
+        x = torch.randn(2, 3, 32, 32)
+        segments = Segments.trace(model, x)
+        assert segments is not None and len(segments.cuts) > 4
+        with torch.no_grad():
+            expected = model(x)
+            for cut in segments.cuts[1::3]:
+                middle = segments.run(model, segments.input_cut, x, cut)
+                torch.testing.assert_close(segments.run(model, cut, middle, None), expected)
+    residual = Segments.trace(ResidualBNNet(in_chans=3, depth=2).eval(), x)
+    assert residual is not None
+    assert [str(residual.carried[c]) for c in residual.cuts][:6] == ["x", "stem_0", "stem_1", "stem_2", "add", "add_1"]
+
+
+def test_storage_ladder_and_the_float16_overflow() -> None:
+    assert choose_storage(100, 400) == Storage("memory", torch.float32)
+    assert choose_storage(100, 399) == Storage("memory", torch.float16)
+    assert choose_storage(100, 199) == Storage("disk", torch.float16)
+    cache = ActivationCache(Storage("memory", torch.float16))
+    big = torch.tensor([[1e6, 1.0]])  # beyond float16: that batch stays float32
+    cache.put(0, big)
+    cache.put(1, big / 1e6)
+    assert torch.equal(cache.get(0), big)
+    assert cache.batches[0][0].dtype == torch.float32 and cache.batches[1][0].dtype == torch.float16
+    x = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    fp32 = ActivationCache(Storage("memory", torch.float32))
+    fp32.put(0, x)
+    x.zero_()  # the network changing its own tensor afterwards does not reach the cache
+    got = fp32.get(0)
+    assert got.abs().sum() > 0 and got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bad_cache_settings_are_clear_errors() -> None:
+    with pytest.raises(TrainingError, match="cache_memory"):
+        FitConfig(cache_memory=-1)
+    with pytest.raises(TrainingError, match="cache_memory"):
+        FitConfig(cache_memory=1.5)  # type: ignore[arg-type]
+    result = CliRunner().invoke(app, ["apply", "resnet18", "--fit", "data", "--data", "digits", "--cache-memory", "-1",
+                                      "--out", "x.pt"])
+    assert result.exit_code == 2 and "cache-memory" in result.output
