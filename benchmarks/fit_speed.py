@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
 import os
 import threading
 import time
 import warnings
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -36,6 +36,7 @@ from kshare.models.zoo import load_model
 
 CASES = ["resnet18:stage:32:512", "kshare:convmixer_256_8:all:32:512", "timm:tf_efficientnet_lite0:stage:256:128",
          "resnet50:stage:224:128"]
+T = TypeVar("T")
 UNCACHED_SKIPPED = {"resnet50"}  # one pass per group from the input: too slow to time on 2 CPU cores
 
 
@@ -50,8 +51,9 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measured(run: Callable[[], object], sync: Callable[[], None]) -> tuple[float, float]:
-    """Seconds of `run()`, and the peak resident memory above the start in GiB (sampled every 20 ms)."""
+def measured(run: Callable[[], T], sync: Callable[[], None]) -> tuple[float, float, T]:
+    """Seconds of `run()`, the peak resident memory above the start in GiB (sampled every 20 ms),
+    and what `run()` returned."""
     start_rss, peak, done = _rss(), [0], threading.Event()
 
     def sample() -> None:
@@ -63,27 +65,12 @@ def measured(run: Callable[[], object], sync: Callable[[], None]) -> tuple[float
     watcher.start()
     sync()
     start = time.perf_counter()
-    run()
+    result = run()
     sync()
     seconds = time.perf_counter() - start
     done.set()
     watcher.join()
-    return seconds, max(peak[0], _rss() - start_rss) / 2**30
-
-
-class _Storage(logging.Handler):
-    """Catches the fit's line that says where its caches were kept."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.said = "-"
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if "kept in memory" in message or "kept on disk" in message:
-            self.said = message.split("; kept ")[1].split(" (budget")[0]
-        elif "does not trace" in message:
-            self.said = "not cached: does not trace"
+    return seconds, max(peak[0], _rss() - start_rss) / 2**30, result
 
 
 def main() -> None:
@@ -94,9 +81,6 @@ def main() -> None:
     parser.add_argument("--no-uncached", action="store_true", help="skip the fit that runs every pass from the input")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    storage = _Storage()
-    logging.getLogger("kshare").addHandler(storage)
-    logging.getLogger("kshare").setLevel(logging.INFO)
     device = kshare.training.resolve_device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -113,34 +97,34 @@ def main() -> None:
         with torch.no_grad():
             base(batches[0])  # warm-up: kernel selection and allocation stay out of the timed pass
 
-        seconds, _ = measured(lambda base=base, batches=batches: _forward(base, batches), sync)
+        seconds, _, _ = measured(lambda base=base, batches=batches: _forward(base, batches), sync)
         times = {"forward": seconds}
-        peaks = {}
+        peaks: dict[str, float] = {}
+        kept = "-"
         modes = [("oneshot", True), ("sequential", True)]
         if not args.no_uncached and name not in UNCACHED_SKIPPED:
             modes.append(("sequential", False))
         for mode, cache in modes:
             model = copy.deepcopy(base)
             config = FitConfig(mode=mode, images=n, cache=cache, cache_memory=int(args.cache_memory * 2**30))
-            storage.said = "-"
             key = mode if cache else "uncached"
-            times[key], peaks[key] = measured(lambda model=model, config=config, plan=plan, batches=batches:
-                                              fit_kernels(model, plan, batches, config), sync)
+            times[key], peaks[key], report = measured(lambda model=model, config=config, plan=plan, batches=batches:
+                                                      fit_kernels(model, plan, batches, config), sync)
             if key == "sequential":
-                peaks["kept"] = storage.said  # type: ignore[assignment]
-        rows.append((case, times, peaks))
+                kept = report.cache
+        rows.append((case, times, peaks, kept))
         _print(rows[-1])
     print()
     print("| case | forward s | one-shot s | sequential s | uncached s | seq / one-shot | seq / forward | "
           "one-shot / forward | uncached / seq | peak GiB (seq) | caches |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    for case, times, peaks in rows:
+    for case, times, peaks, kept in rows:
         unc = times.get("uncached")
         speedup = f"{unc / times['sequential']:.2f}" if unc else "-"
         print(f"| {case} | {times['forward']:.1f} | {times['oneshot']:.1f} | {times['sequential']:.1f} | "
               f"{f'{unc:.1f}' if unc else '-'} | {times['sequential'] / times['oneshot']:.2f} | "
               f"{times['sequential'] / times['forward']:.2f} | {times['oneshot'] / times['forward']:.2f} | "
-              f"{speedup} | {peaks['sequential']:.2f} | {peaks['kept']} |")
+              f"{speedup} | {peaks['sequential']:.2f} | {kept} |")
 
 
 @torch.no_grad()
@@ -149,10 +133,10 @@ def _forward(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
         model(x)
 
 
-def _print(row: tuple[str, dict[str, float], dict[str, float]]) -> None:
-    case, times, peaks = row
+def _print(row: tuple[str, dict[str, float], dict[str, float], str]) -> None:
+    case, times, peaks, kept = row
     parts = ", ".join(f"{k} {v:.1f} s" for k, v in times.items())
-    print(f"{case}: {parts}; sequential peak +{peaks['sequential']:.2f} GiB, caches {peaks['kept']}", flush=True)
+    print(f"{case}: {parts}; sequential peak +{peaks['sequential']:.2f} GiB, caches {kept}", flush=True)
 
 
 if __name__ == "__main__":

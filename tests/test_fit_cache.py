@@ -35,11 +35,14 @@ def _images(n: int, size: int, channels: int = 3) -> ImageData:
                      torch.zeros(n, dtype=torch.long), ("x",), (0.5,) * channels, (0.25,) * channels, labelled=False)
 
 
-def _fit(model: nn.Module, policy: str, data: ImageData, size: int, **config: object) -> dict[str, torch.Tensor]:
+def _fit(model: nn.Module, policy: str, data: ImageData, size: int, **config: object
+         ) -> tuple[dict[str, torch.Tensor], str]:
+    """The fitted weights, and where the fit said it kept its activations."""
     model = copy.deepcopy(model)
     plan = kshare.plan(model, policy, input_size=(data.images.shape[1], size, size))
-    fit_and_tie(model, plan, data, FitConfig(images=len(data.labels), batch_size=32, **config))  # type: ignore[arg-type]
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    report = fit_and_tie(model, plan, data, FitConfig(images=len(data.labels), batch_size=32,
+                                                      **config))  # type: ignore[arg-type]
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}, report.cache
 
 
 def _largest_change(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -68,9 +71,10 @@ def test_cached_fit_gives_the_uncached_kernels(name: str, policy: str, size: int
     model = request.getfixturevalue(name)
     data = _images(64, size)
     with caplog.at_level(logging.INFO, logger="kshare"):
-        cached = _fit(model, policy, data, size)
-    assert "kept in memory as float32" in caplog.text
-    uncached = _fit(model, policy, data, size, cache=False)
+        cached, kept = _fit(model, policy, data, size)
+    assert "kept in memory as float32" in caplog.text and kept == "in memory as float32"
+    uncached, kept = _fit(model, policy, data, size, cache=False)
+    assert kept == "not cached: every pass from the input"
     assert _largest_change(cached, uncached) <= EXACT
     # and the fit changed something: the comparison is not of two untouched models
     original = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
@@ -82,12 +86,13 @@ def test_a_tiny_budget_spills_to_disk_and_gives_the_same_kernels(resnet18: nn.Mo
                                                                  caplog: pytest.LogCaptureFixture) -> None:
     data = _images(64, 32)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    uncached = _fit(resnet18, "stage", data, 32, cache=False)
+    uncached, _ = _fit(resnet18, "stage", data, 32, cache=False)
     with caplog.at_level(logging.INFO, logger="kshare"):
-        on_disk = _fit(resnet18, "stage", data, 32, cache_memory=0)
+        on_disk, kept_on_disk = _fit(resnet18, "stage", data, 32, cache_memory=0)
         # the largest cache here is 64 images x 64 x 8 x 8 floats (1 MiB): float16 of four fits in 3 MiB
-        in_memory = _fit(resnet18, "stage", data, 32, cache_memory=3 << 20)
+        in_memory, kept_in_memory = _fit(resnet18, "stage", data, 32, cache_memory=3 << 20)
     assert "on disk as float16 (memory-mapped)" in caplog.text and "in memory as float16" in caplog.text
+    assert (kept_on_disk, kept_in_memory) == ("on disk as float16 (memory-mapped)", "in memory as float16")
     assert _largest_change(on_disk, in_memory) <= EXACT  # the same float16 values, wherever they are kept
     assert 0 < _largest_change(on_disk, uncached) <= HALF
     assert not list(tmp_path.iterdir())  # the memory-mapped files are gone with the fit
@@ -98,9 +103,9 @@ def test_a_network_that_does_not_trace_is_fitted_the_old_way(caplog: pytest.LogC
     model = DataDependentNet().eval()
     data = _images(32, 16)
     with caplog.at_level(logging.INFO, logger="kshare"):
-        cached = _fit(model, "all", data, 16)
-    assert "does not trace" in caplog.text
-    assert _largest_change(cached, _fit(model, "all", data, 16, cache=False)) <= EXACT
+        cached, kept = _fit(model, "all", data, 16)
+    assert "does not trace" in caplog.text and kept.endswith("(the model does not trace)")
+    assert _largest_change(cached, _fit(model, "all", data, 16, cache=False)[0]) <= EXACT
 
 
 def test_segments_run_from_any_cut() -> None:

@@ -63,6 +63,7 @@ class FitReport:
     recalibrated: int  # BatchNorm layers re-estimated (0: none, or recalibration off)
     compensated: int = 0  # unshared layers refitted to their original outputs (sequential, `compensate`)
     reconstructed: tuple[UnitReconstruction, ...] = ()  # units trained after the fit (`reconstruct`)
+    cache: str = ""  # where the sequential fit kept its activations ("in memory as float32", ...); "": one-shot
 
 
 def following_batchnorms(model: nn.Module, members: Sequence[str], x: torch.Tensor) -> set[str]:
@@ -118,6 +119,7 @@ def fit_kernels(model: nn.Module, plan: SharingPlan, batches: Sequence[torch.Ten
     centred = following_batchnorms(model, members, batches[0]) if members else set()
     fits: dict[str, Fitted] = {}
     refits: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    kept = ""
     if config.mode == "oneshot":
         moments = collect(model, members, batches, positions=config.positions, seed=config.seed, progress=progress)
         for group in readable:
@@ -127,7 +129,8 @@ def fit_kernels(model: nn.Module, plan: SharingPlan, batches: Sequence[torch.Ten
         work = copy.deepcopy(model)  # the partially tied network: fitted kernels copied into each member
         units = _units(model, readable, batches[0], config.compensate)
         centred |= following_batchnorms(model, [n for u in units if isinstance(u, list) for n in u], batches[0])
-        fits, refits = _sequential(model, work, units, batches, config, centred, relaxation, plan.share_bias, progress)
+        fits, refits, kept = _sequential(model, work, units, batches, config, centred, relaxation, plan.share_bias,
+                                         progress)
         del work
     kernels = {name: (f.weight.reshape(modules[_first(plan, name)].weight.shape), f.bias) for name, f in fits.items()}
     groups = tuple(dataclasses.replace(g, init=FITTED, error=fits[g.name].report.weight_error,
@@ -148,15 +151,17 @@ def fit_kernels(model: nn.Module, plan: SharingPlan, batches: Sequence[torch.Ten
     if skipped:
         log.warning(f"groups {', '.join(skipped)} hold convolutions a data fit cannot read (transposed or 3-D): "
                     "tied with their members' mean kernel")
-    return FitReport(config.mode, sum(len(b) for b in batches), time.perf_counter() - start, reports, 0, len(refits))
+    return FitReport(config.mode, sum(len(b) for b in batches), time.perf_counter() - start, reports, 0, len(refits),
+                     cache=kept)
 
 
 def _sequential(model: nn.Module, work: nn.Module, units: list[Group | list[str]], batches: Sequence[torch.Tensor],
                 config: FitConfig, centred: set[str], relaxation: Relaxation, share_bias: bool,
-                progress: ProgressFn | None) -> tuple[dict[str, Fitted], dict[str, Refit]]:
+                progress: ProgressFn | None) -> tuple[dict[str, Fitted], dict[str, Refit], str]:
     """The sequential order: each unit fitted on the partially tied `work` against the untied
     `model`, its fitted kernels copied into `work` before the next; both streams kept at the cut
-    before each unit (`kshare.fit.streams`) unless `config.cache` is off or the network does not trace."""
+    before each unit (`kshare.fit.streams`) unless `config.cache` is off or the network does not
+    trace. Also returns where the activations were kept, in words."""
     modules, work_modules = dict(model.named_modules()), dict(work.named_modules())
     fits: dict[str, Fitted] = {}
     refits: dict[str, Refit] = {}
@@ -165,6 +170,8 @@ def _sequential(model: nn.Module, work: nn.Module, units: list[Group | list[str]
     cached = paired_streams(model, work, batches, names_of, config.cache_memory, progress) if config.cache \
         else nullcontext(None)
     with cached as streams:
+        kept = streams.folder.storage.describe() if streams is not None else \
+            "not cached: every pass from the input" + ("" if not config.cache else " (the model does not trace)")
         for index, (unit, names) in enumerate(zip(units, names_of, strict=True)):  # in execution order
             label = f"unit {index + 1}/{len(units)} ({unit.name if isinstance(unit, Group) else ', '.join(names)})"
             forward = None
@@ -187,7 +194,7 @@ def _sequential(model: nn.Module, work: nn.Module, units: list[Group | list[str]
             elapsed = time.perf_counter() - start
             log.info(f"{label}: {sum(len(b) for b in batches):,} images, {elapsed:.1f} s, "
                      f"ETA {elapsed / (index + 1) * (len(units) - index - 1):.0f} s")
-    return fits, refits
+    return fits, refits, kept
 
 
 def reconstruct_fitted(model: nn.Module, original: nn.Module, data: ImageData, batches: Sequence[torch.Tensor],
