@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from kshare.analysis.inspect import inspect_model
-from kshare.data import ImageData, ImageSource, adapter_for, as_image_data, decode_size
+from kshare.data import ImageData, ImageSource, adapter_for, as_image_data, decoding_for
 from kshare.errors import DataError, PlanError, TrainingError, param
 from kshare.fit.batchnorm import batch_norms, recalibrate_on
 from kshare.fit.blocks import UnitReconstruction
@@ -35,6 +35,7 @@ from kshare.fit.fidelity import Fidelity, measure_fidelity
 from kshare.fit.order import FitReport, fit_kernels, output_metric, reconstruct_fitted
 from kshare.fit.statistics import fit_batches
 from kshare.kernels import FITTED
+from kshare.models.recipe import attach_recipe, recipe_of
 from kshare.models.zoo import default_input_size, spec_of
 from kshare.planning.config import BudgetConfig, SharingConfig, parse_config
 from kshare.planning.kernel_error import with_errors
@@ -174,13 +175,16 @@ def retrofit(
         asked = [fit.images, fit.reconstruct_images or 0] if fit is not None else []
         asked += [recal.images or (fit.images if fit is not None else 512)] if recal is not None else []
         need = None if finetune is not None else (held_out + max(asked, default=0)) or None
-        images = as_image_data(data, transform=transform, limit=need, image_size=decode_size(model, image_size))
+        images = as_image_data(data, transform=transform, limit=need, image_size=decoding_for(model, image_size))
     if finetune is not None and images is not None and not images.labelled:
         raise TrainingError(f"{images.name} has no labels: a fine-tune needs them (a fit, recalibration and "
                             "fidelity do not)")
     if finetune is not None and test is None:
         raise DataError(f"a fine-tune is judged on a labelled test split: pass {param('test')}")
     adapter = adapter_for(model, images, image_size, announce=True) if images is not None else None
+    if adapter is not None and adapter.recipe is not None and recipe_of(model) is None and images is not None:
+        size = adapter.size or images.shape[1:]  # the recipe followed, at the size fed: the checkpoint keeps it
+        attach_recipe(model, dataclasses.replace(adapter.recipe, input_size=(adapter.channels, *size)))
     if test is not None:
         check_classes(model, test, adapter_for(model, test, image_size), dev)
     if images is not None and adapter is not None and images.labelled and isinstance(data, (str, Path, ImageData)):

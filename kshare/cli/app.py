@@ -8,11 +8,13 @@ become this command line's flags (`--trust-code`) before they are printed.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import re
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -61,9 +63,9 @@ app = typer.Typer(
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Python parameters with a flag of the same name here (`image_size` → `--image-size`), and those whose flag differs.
-FLAGGED = frozenset("""alpha batch_size budgets cache_memory calib_images channels_last clip_grad compile data
+FLAGGED = frozenset("""alpha batch_size budgets cache_memory calib_images channels_last clip_grad compile crop_pct data
     data_root device distill epochs exclude feature_weight fit fit_cache fit_images fit_mode groups held_out image_size
-    images include init input_size label_smoothing
+    images include init input_size interpolation label_smoothing max_trials mean std target time_limit
     limit_test limit_train lr match min_size model momentum opset optimizer out plan precision reconstruct
     reconstruct_images relax resume seed seeds share_bias teacher teacher_weights temperature trust_code weight_decay
     weights""".split())
@@ -280,6 +282,72 @@ def _read_config(ctx: typer.Context, _: Any, path: Path | None) -> Path | None:
 ConfigOpt = Annotated[Path | None, typer.Option(
     "--config", help="TOML file of this command's options (keys: the long option names); the command line wins.",
     callback=_read_config, is_eager=True, rich_help_panel=OUTPUT, show_default=False)]
+
+
+def option_group(param_name: str, options: list[tuple[str, Any, Any]], build: Callable[..., Any]) -> Callable[[F], F]:
+    """A decorator giving a command the `options` (name, annotation, default), declared once for
+    every command that takes them; the command receives them as one object, `build(**values)`,
+    in its parameter `param_name`. A `config_file` option is read by its callback and dropped."""
+
+    def decorate(fn: F) -> F:
+        signature = inspect.signature(fn, eval_str=True)  # typer reads the annotations of the signature set below
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+                 for name, annotation, default in options]
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in signature.parameters.values()
+               if p.name != param_name]
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            values = {name: kwargs.pop(name) for name, _, _ in options}
+            values.pop("config_file", None)  # read by its callback, into the defaults of the others
+            return fn(**{param_name: build(**values)}, **kwargs)
+
+        command.__signature__ = signature.replace(parameters=[*added, *own])  # type: ignore[attr-defined]
+        command.__annotations__ = ({p.name: p.annotation for p in [*added, *own]}
+                                   | {"return": signature.return_annotation})
+        return command  # type: ignore[return-value]
+
+    return decorate
+
+
+@dataclass(frozen=True)
+class FeedRequest:
+    """How the model is fed, when the user says otherwise than its recipe (`--mean`, `--std`,
+    `--crop-pct`, `--interpolation`); `apply(model)` attaches the resulting recipe."""
+
+    mean: str | None = None
+    std: str | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+
+    def apply(self, model: Any) -> None:
+        from kshare.data import override_recipe
+
+        override_recipe(model, mean=_floats(self.mean, "--mean"), std=_floats(self.std, "--std"),
+                        crop_pct=self.crop_pct, interpolation=self.interpolation)
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in csv(text))
+    except ValueError:
+        raise OptionError(f"{flag} takes numbers separated by commas (e.g. 0.5,0.5,0.5), got {text!r}") from None
+
+
+_FEED_OPTIONS: list[tuple[str, Any, Any]] = [
+    ("mean", Annotated[str | None, typer.Option(help="Normalisation mean, one per channel or one for all (default: "
+                                                     "the model's recipe, its timm/torchvision pretrained config, "
+                                                     "else ImageNet's for photos).", rich_help_panel=DATA)], None),
+    ("std", Annotated[str | None, typer.Option(help="Normalisation std, as --mean.", rich_help_panel=DATA)], None),
+    ("crop_pct", Annotated[float | None, typer.Option(help="Image folders: the centre crop's share of the resized "
+                                                           "shorter side (timm's crop_pct; 1: the whole side).",
+                                                      rich_help_panel=DATA)], None),
+    ("interpolation", Annotated[str | None, typer.Option(help="Image folders: bilinear, bicubic or nearest resizing.",
+                                                         rich_help_panel=DATA)], None),
+]
+with_feed_options = option_group("feed", _FEED_OPTIONS, FeedRequest)
 
 
 def main() -> None:

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import fnmatch
-import functools
-import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ from kshare.cli.app import (
     ConfigOpt,
     DataRootOpt,
     DeviceOpt,
-    F,
+    FeedRequest,
     FitCacheOpt,
     FitImagesOpt,
     FitModeOpt,
@@ -49,11 +47,13 @@ from kshare.cli.app import (
     app,
     choice,
     one_line_errors,
+    option_group,
+    with_feed_options,
 )
 from kshare.cli.progress import progress_bars
 from kshare.cli.report import analysis_json, render_analysis, render_applied, render_info, render_retrofit
 from kshare.cli.report import size as size_text
-from kshare.data import decode_size, load_data
+from kshare.data import decoding_for, load_data
 from kshare.errors import DataError, ExportError, KShareError, PlanError
 from kshare.fit.config import FitConfig
 from kshare.io.checkpoint import load, save, summarize
@@ -143,23 +143,8 @@ _PLAN_OPTIONS: list[tuple[str, Any, Any]] = [  # name, annotation, default: decl
 ]
 
 
-def with_plan_options(fn: Callable[..., Any]) -> F:
-    """Give a command the model and sharing options above; it receives them as one `PlanRequest`."""
-    signature = inspect.signature(fn, eval_str=True)  # typer reads the annotations of the signature set below
-    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-             for name, annotation, default in _PLAN_OPTIONS]
-    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in signature.parameters.values()
-           if p.name != "request"]
-
-    @functools.wraps(fn)
-    def command(**kwargs: Any) -> Any:
-        kwargs.pop("config_file")  # read by its callback, into the defaults of the others
-        request = PlanRequest(**{name: kwargs.pop(name) for name, _, _ in _PLAN_OPTIONS if name != "config_file"})
-        return fn(request=request, **kwargs)
-
-    command.__signature__ = signature.replace(parameters=[*added, *own])  # type: ignore[attr-defined]
-    command.__annotations__ = {p.name: p.annotation for p in [*added, *own]} | {"return": signature.return_annotation}
-    return command  # type: ignore[return-value]
+with_plan_options = option_group("request", _PLAN_OPTIONS, PlanRequest)
+"""Give a command the model and sharing options above; it receives them as one `PlanRequest`."""
 
 
 @app.command()
@@ -180,8 +165,10 @@ def analyze(
 @app.command()
 @one_line_errors
 @with_plan_options
+@with_feed_options
 def apply(
     request: PlanRequest,
+    feed: FeedRequest,
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (atomically).",
                                       rich_help_panel=OUTPUT)],
     plan: Annotated[Path | None, typer.Option(help="Apply this plan JSON instead of a policy.",
@@ -248,10 +235,11 @@ def apply(
         chosen, spec = result.plan, result.spec
     if fit == "data":
         assert data is not None
+        feed.apply(net)
         config = FitConfig(mode=fit_mode, images=fit_images, reconstruct=reconstruct,
                            reconstruct_images=reconstruct_images, seed=seed, cache=fit_cache,
                            cache_memory=int(cache_memory * 2**30))
-        images = load_data(data, "train", data_root, decode_size(net, image_size))
+        images = load_data(data, "train", data_root, decoding_for(net, image_size))
         with progress_bars() as progress:
             report = retrofit(net, chosen, images, fit=config, relax=request.relax, held_out=held_out,
                               image_size=image_size, input_size=request.input_size, device=resolve_device(device),

@@ -28,6 +28,7 @@ from kshare.cli.app import (
     DataRootOpt,
     DeviceOpt,
     FeatureWeightOpt,
+    FeedRequest,
     FitCacheOpt,
     FitImagesOpt,
     FitModeOpt,
@@ -45,12 +46,13 @@ from kshare.cli.app import (
     choice,
     csv,
     one_line_errors,
+    with_feed_options,
 )
 from kshare.cli.plan_commands import PlanRequest, with_plan_options
 from kshare.cli.plots import plot_sweep
 from kshare.cli.progress import progress_bars
 from kshare.cli.report import render_retrofit
-from kshare.data import ImageData, adapter_for, decode_size, load_data
+from kshare.data import Decoding, ImageData, adapter_for, decoding_for, load_data
 from kshare.errors import DataError, PlanError, PolicyError, StudyError, TrainingError, WeightsError
 from kshare.fit.batchnorm import batch_norms, recalibrate_bn
 from kshare.fit.config import FitConfig
@@ -68,10 +70,10 @@ from kshare.training.resume import resume_state
 from kshare.training.runtime import runtime, shutdown
 
 
-def _splits(data: str, data_root: Path | None, image_size: int | None, limit_train: int | None,
+def _splits(data: str, data_root: Path | None, image_size: Decoding, limit_train: int | None,
             limit_test: int | None, train: bool = True) -> tuple[ImageData | None, ImageData]:
     """The (train, test) splits a command asked for, limits applied (train None when not needed);
-    `image_size`: the size image folders are decoded at (`decode_size`)."""
+    `image_size`: the size image folders are decoded at (`decoding_for`)."""
     for name, value in (("--limit-train", limit_train), ("--limit-test", limit_test)):
         if value is not None and value < 1:
             raise DataError(f"{name} must be at least 1, got {value}")
@@ -141,7 +143,7 @@ def sweep(
         baseline = payload.get("extra", {}).get("finetune")
     else:
         net, _ = load_model(source, parse_kwargs(kwarg), weights)
-    train_data, test_data = _splits(data, data_root, decode_size(net, image_size), limit_train, limit_test)
+    train_data, test_data = _splits(data, data_root, decoding_for(net, image_size), limit_train, limit_test)
     assert train_data is not None
     check_classes(net, test_data, adapter_for(net, test_data, image_size, announce=True), next(net.parameters()).device)
     with progress_bars() as progress:
@@ -243,7 +245,7 @@ def finetune(
     out = out or checkpoint.with_name(checkpoint.stem + ".ft.pt")
     net, state = resume_state(out, trust_code=trust_code) if resume else (load(checkpoint, trust_code=trust_code), None)
     teacher_net = _load_teacher(teacher, teacher_weights, trust_code) if config.uses_teacher and teacher else None
-    train_data, test_data = _splits(data, data_root, decode_size(net, image_size), limit_train, limit_test)
+    train_data, test_data = _splits(data, data_root, decoding_for(net, image_size), limit_train, limit_test)
     assert train_data is not None
     try:
         with progress_bars() as progress:
@@ -260,8 +262,10 @@ def finetune(
 
 @app.command("eval")
 @one_line_errors
+@with_feed_options
 def evaluate_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="A kshare checkpoint.")],
+    feed: FeedRequest,
     data: DataOpt = "fashion-mnist",
     data_root: DataRootOpt = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.", rich_help_panel=FINETUNE)] = 256,
@@ -279,7 +283,8 @@ def evaluate_cmd(
     if batch_size < 1:
         raise TrainingError(f"--batch-size must be at least 1, got {batch_size}")
     net = load(checkpoint, trust_code=trust_code)
-    _, test_data = _splits(data, data_root, decode_size(net, image_size), None, limit_test, train=False)
+    feed.apply(net)
+    _, test_data = _splits(data, data_root, decoding_for(net, image_size), None, limit_test, train=False)
     rt = runtime(device)
     net.to(rt.device)
     adapter = adapter_for(net, test_data, image_size, announce=True)
@@ -299,8 +304,10 @@ def evaluate_cmd(
 
 @app.command("recalibrate")
 @one_line_errors
+@with_feed_options
 def recalibrate(
     checkpoint: Annotated[Path, typer.Argument(help="A kshare checkpoint, usually just tied by `apply`.")],
+    feed: FeedRequest,
     data: DataOpt = "fashion-mnist",
     data_root: DataRootOpt = None,
     images: Annotated[int, typer.Option(help="Training images to estimate the statistics on.",
@@ -325,7 +332,8 @@ def recalibrate(
     net = load(checkpoint, trust_code=trust_code)
     if not batch_norms(net):
         raise TrainingError(f"{checkpoint} has no BatchNorm layer with running statistics: nothing to calibrate")
-    size = decode_size(net, image_size)
+    feed.apply(net)
+    size = decoding_for(net, image_size)
     train_data = load_data(data, "train", data_root, size)
     test_data = None if not train_data.labelled else _splits(data, data_root, size, None, limit_test, train=False)[1]
     rt = runtime(device)
@@ -349,8 +357,10 @@ def recalibrate(
 @app.command()
 @one_line_errors
 @with_plan_options
+@with_feed_options
 def retrofit(
     request: PlanRequest,
+    feed: FeedRequest,
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write (the fitted model, or fine-tuned).",
                                       rich_help_panel=OUTPUT)],
     data: DataOpt = "fashion-mnist",
@@ -393,7 +403,8 @@ def retrofit(
     config = FitConfig(mode=fit_mode, images=fit_images, seed=seed, reconstruct=reconstruct,
                        reconstruct_images=reconstruct_images, cache=fit_cache, cache_memory=int(cache_memory * 2**30))
     net, spec = request.build()
-    size = decode_size(net, image_size)
+    feed.apply(net)
+    size = decoding_for(net, image_size)
     train_data = load_data(data, "train", data_root, size)
     if train_config is not None and not train_data.labelled:
         raise TrainingError(f"{data} has no labels: --epochs fine-tunes on labels; the fit, BatchNorm and "

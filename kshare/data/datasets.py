@@ -9,8 +9,9 @@ images per sample. Names:
 - `cifar10`, `cifar100`: torchvision's on-disk python format under `--data-root`, read with
   a restricted unpickler that admits nothing but numpy arrays and plain containers;
 - `imagefolder:PATH`: one sub-folder per class, or `PATH/train` and `PATH/test` holding
-  them (images resized to `--image-size`, 224 by default, when decoded; a folder of
-  grayscale images stays one channel);
+  them (pictures cut to size when decoded, as `Decoding` says: the shorter side resized, the
+  centre cropped, as timm and torchvision evaluate; a folder of grayscale images stays one
+  channel);
 - `images:PATH`: a flat folder of unlabelled pictures, for fitting and BatchNorm
   recalibration (no labels, so no test split);
 - `digits`: scikit-learn's bundled 8x8 digits (`pip install 'kshare[digits]'`);
@@ -42,8 +43,43 @@ FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 NAMES = ("fashion-mnist", "cifar10", "cifar100", "imagefolder:PATH", "images:PATH", "digits", "fake")
 MAX_IMAGE_SIZE = 4096  # a side beyond this would not fit in memory for any dataset worth loading
 MAX_FILE_BYTES = 4 << 30  # a decompressed data file larger than this is refused, not read
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+PHOTO_MEAN, PHOTO_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's: assumed for photos
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot")
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How pictures are cut to `size` x `size` when a folder is decoded: the shorter side resized to
+    `size / crop_pct` with `interpolation`, then the centre `size` x `size` crop (timm's
+    `crop_pct`; 1.0 keeps the whole shorter side; a picture is never squashed)."""
+
+    size: int = 224
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or not 1 <= self.size <= MAX_IMAGE_SIZE:
+            raise DataError(f"bad image size {self.size!r}: expected 1 to {MAX_IMAGE_SIZE} pixels "
+                            f"({param('image_size')})")
+        if isinstance(self.crop_pct, bool) or not isinstance(self.crop_pct, (int, float)) \
+                or not 0.05 <= self.crop_pct <= 1.0:
+            raise DataError(f"{param('crop_pct')} must be in [0.05, 1] (the centre crop's share of the shorter "
+                            f"side), got {self.crop_pct!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise DataError(f"{param('interpolation')} must be one of {', '.join(INTERPOLATIONS)}, "
+                            f"got {self.interpolation!r}")
+
+    @property
+    def resize(self) -> int:
+        """The shorter side's length before the centre crop."""
+        return max(self.size, round(self.size / self.crop_pct))
+
+    def describe(self) -> str:
+        return (f"shorter side resized to {self.resize} ({self.interpolation}), centre {self.size}x{self.size} crop"
+                if self.resize != self.size else
+                f"shorter side resized to {self.size} ({self.interpolation}), centre square")
 
 
 @dataclass(frozen=True)
@@ -59,6 +95,8 @@ class ImageData:
     std: tuple[float, ...]
     labelled: bool = True  # False for `images:PATH`: pictures to fit and recalibrate on, no labels to test
     prepared: bool = False  # True: float images that already are model input (the user's own transform made them)
+    photos: bool = False  # True: pictures whose mean/std are assumed (ImageNet's), not measured: a model's own win
+    decoding: Decoding | None = None  # how the pictures were cut to size, when kshare decoded them
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -232,11 +270,12 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
-def _decode(files: list[Path], size: int) -> tuple[torch.Tensor, int]:
-    """Decode and resize images to (N, C, size, size) uint8: one channel when every image is
-    grayscale, three otherwise; and how many grayscale images were turned into RGB."""
+def _decode(files: list[Path], cut: Decoding) -> tuple[torch.Tensor, int]:
+    """Decode pictures and cut them to (N, C, size, size) uint8 as `cut` says: one channel when
+    every image is grayscale, three otherwise; and how many grayscale images were turned into RGB."""
     from PIL import Image
 
+    resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[cut.interpolation]
     decoded = []
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # a huge image is refused, not decoded
@@ -244,34 +283,52 @@ def _decode(files: list[Path], size: int) -> tuple[torch.Tensor, int]:
             try:
                 with Image.open(f) as img:
                     gray = img.mode in GRAY_MODES
-                    decoded.append((img.convert("L" if gray else "RGB").resize((size, size), Image.BILINEAR), gray))
+                    decoded.append((_cut(img.convert("L" if gray else "RGB"), cut, resample), gray))
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
                     Image.DecompressionBombWarning) as exc:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise DataError(f"cannot decode {f}: {first[:160]}") from None
     channels = 1 if all(gray for _, gray in decoded) else 3
+    size = cut.size
     tensors = [torch.frombuffer(bytearray(img.convert("L" if channels == 1 else "RGB").tobytes()), dtype=torch.uint8)
                .reshape(size, size, channels).permute(2, 0, 1) for img, _ in decoded]
     converted = sum(gray for _, gray in decoded) if channels == 3 else 0
     return torch.stack(tensors), converted
 
 
+def _cut(img: Any, cut: Decoding, resample: int) -> Any:
+    """The shorter side resized to `cut.resize`, then the centre `cut.size` square (rounded as
+    torchvision's `center_crop` does)."""
+    w, h = img.size
+    scale = cut.resize / min(w, h)
+    width, height = max(cut.size, round(w * scale)), max(cut.size, round(h * scale))
+    img = img.resize((width, height), resample, reducing_gap=None)
+    left, top = round((width - cut.size) / 2.0), round((height - cut.size) / 2.0)
+    return img.crop((left, top, left + cut.size, top + cut.size))
+
+
 def _image_files(folder: Path) -> list[Path]:
     return [f for f in sorted(folder.iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
 
 
-def _pictures(files: list[Path], size: int, name: str) -> tuple[torch.Tensor, tuple[float, ...], tuple[float, ...]]:
-    """Decoded pictures and the normalisation that goes with them: ImageNet's statistics, the usual
-    choice for photos (their mean over channels for gray images)."""
-    images, converted = _decode(files, size)
+def _pictures(files: list[Path], cut: Decoding, name: str) -> tuple[torch.Tensor, tuple[float, ...],
+                                                                    tuple[float, ...]]:
+    """Decoded pictures and the normalisation assumed for them until a model says its own:
+    ImageNet's statistics, the usual choice for photos (their mean over channels for gray images)."""
+    images, converted = _decode(files, cut)
     if converted:
         log.info(f"{name}: {converted} grayscale image(s) converted to RGB to match the others")
-    if images.shape[1] == 3:
-        return images, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    return images, (0.449,), (0.226,)
+    return (images, *photo_normalisation(images.shape[1]))
 
 
-def _imagefolder(path: Path, split: str, size: int) -> ImageData:
+def photo_normalisation(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """ImageNet's mean/std for `channels`-channel photos (their mean over channels unless 3)."""
+    if channels == 3:
+        return PHOTO_MEAN, PHOTO_STD
+    return (round(sum(PHOTO_MEAN) / 3, 3),) * channels, (round(sum(PHOTO_STD) / 3, 3),) * channels
+
+
+def _imagefolder(path: Path, split: str, cut: Decoding) -> ImageData:
     """`path/<split>/<class>/*` if that exists, else `path/<class>/*` (the same for both splits)."""
     root = path / split if (path / split).is_dir() else path
     if not root.is_dir():
@@ -286,21 +343,21 @@ def _imagefolder(path: Path, split: str, size: int) -> ImageData:
         labels += [index] * len(found)
     if not files:
         raise DataError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    images, mean, std = _pictures(files, size, f"imagefolder:{path}")
-    return _checked(ImageData(f"imagefolder:{path}", split, images, torch.tensor(labels), tuple(classes), mean, std),
-                    root)
+    images, mean, std = _pictures(files, cut, f"imagefolder:{path}")
+    return _checked(ImageData(f"imagefolder:{path}", split, images, torch.tensor(labels), tuple(classes), mean, std,
+                              photos=True, decoding=cut), root)
 
 
-def _unlabelled(path: Path, size: int) -> ImageData:
+def _unlabelled(path: Path, cut: Decoding) -> ImageData:
     """`images:PATH`: a flat folder of pictures with no labels, for fitting and recalibration."""
     if not path.is_dir():
         raise DataError(f"image folder not found: {path}")
     files = _image_files(path)
     if not files:
         raise DataError(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}) directly inside it")
-    images, mean, std = _pictures(files, size, f"images:{path}")
+    images, mean, std = _pictures(files, cut, f"images:{path}")
     return ImageData(f"images:{path}", "train", images, torch.zeros(len(files), dtype=torch.long), ("unlabelled",),
-                     mean, std, labelled=False)
+                     mean, std, labelled=False, photos=True, decoding=cut)
 
 
 def _checked(data: ImageData, where: Path | str) -> ImageData:
@@ -346,8 +403,10 @@ def _fake(split: str) -> ImageData:
                      (0.5, 0.5, 0.5), (0.29, 0.29, 0.29))
 
 
-def load_data(name: str, split: str, root: str | Path | None = None, image_size: int | None = None) -> ImageData:
-    """One split ('train' or 'test') of a named dataset; see the module docstring."""
+def load_data(name: str, split: str, root: str | Path | None = None,
+              image_size: int | Decoding | None = None) -> ImageData:
+    """One split ('train' or 'test') of a named dataset; see the module docstring. `image_size`:
+    the size image folders are cut to (a whole shorter side), or a `Decoding` (None: 224)."""
     if split not in ("train", "test"):
         raise DataError(f"unknown split {split!r}: expected train or test")
     if name == "fashion-mnist":
@@ -362,16 +421,14 @@ def load_data(name: str, split: str, root: str | Path | None = None, image_size:
         if not Path(root).is_dir():
             raise DataError(f"data root not found: {root}")
         return _cifar(Path(root), split, fine=name == "cifar100")
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                   or not 1 <= image_size <= MAX_IMAGE_SIZE):
-        raise DataError(f"bad image size {image_size!r}: expected 1 to {MAX_IMAGE_SIZE} pixels "
-                        f"({param('image_size')})")
-    if name.startswith("imagefolder:"):
-        return _imagefolder(Path(name.partition(":")[2]), split, image_size or 224)
-    if name.startswith("images:"):
+    cut = image_size if isinstance(image_size, Decoding) else Decoding(224 if image_size is None else image_size)
+    if name.startswith(("imagefolder:", "images:")):
+        path = Path(name.partition(":")[2])
+        if name.startswith("imagefolder:"):
+            return _imagefolder(path, split, cut)
         if split != "train":
             raise DataError(f"{name} holds unlabelled images: it can fit and recalibrate a model, not test it")
-        return _unlabelled(Path(name.partition(":")[2]), image_size or 224)
+        return _unlabelled(path, cut)
     if name == "digits":
         return _digits(split)
     if name == "fake":

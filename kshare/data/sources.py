@@ -25,19 +25,18 @@ from typing import Any
 
 import torch
 
-from kshare.data.datasets import NAMES, ImageData, load_data
+from kshare.data.datasets import NAMES, Decoding, ImageData, load_data, photo_normalisation
 from kshare.errors import DataError, param
 
 ImageSource = ImageData | str | Path | torch.Tensor | Iterable[Any]
-PHOTO_MEAN, PHOTO_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's: for uint8 photos
 
 
 def as_image_data(source: ImageSource, *, transform: Callable[[Any], Any] | None = None, limit: int | None = None,
-                  split: str = "train", root: str | Path | None = None, image_size: int | None = None,
+                  split: str = "train", root: str | Path | None = None, image_size: int | Decoding | None = None,
                   name: str | None = None) -> ImageData:
     """`source` as one `ImageData` (see the module docstring): at most `limit` images read from an
-    iterable; `split`, `root` and `image_size` (the size pictures are decoded at) for names and
-    folders; `name` for the messages."""
+    iterable; `split`, `root` and `image_size` (the size pictures are decoded at, or a `Decoding`) for
+    names and folders; `name` for the messages."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DataError(f"{param('limit')} must be a whole number of at least 1, got {limit!r}")
     if isinstance(source, ImageData):
@@ -151,7 +150,7 @@ def _from_items(items: Iterable[Any], transform: Callable[[Any], Any] | None, li
         raise DataError(f"{where}: label {int(targets.min())} is negative")
     classes = tuple(str(i) for i in range(int(targets.max()) + 1)) if labelled else ("unlabelled",)
     channels = images.shape[1]
-    mean, std = ((), ()) if prepared else (PHOTO_MEAN, PHOTO_STD) if channels == 3 else ((0.5,) * channels,
-                                                                                          (0.25,) * channels)
+    mean, std = ((), ()) if prepared else photo_normalisation(channels) if channels == 3 else ((0.5,) * channels,
+                                                                                                (0.25,) * channels)
     return ImageData(where, "train", images.float() if prepared else images.contiguous(), targets, classes, mean, std,
-                     labelled=labelled, prepared=prepared)
+                     labelled=labelled, prepared=prepared, photos=not prepared and channels == 3)

@@ -2,8 +2,11 @@
 
 A model trained at 32x32 on normalised grayscale digits computes nonsense on 28x28 images
 normalised another way. `kshare finetune` records what the model saw (input size, channels,
-normalisation, class names, the dataset's name); checkpoints carry the recipe, and every
-command that feeds the model uses it as the default and says when the data differs.
+normalisation, class names, the dataset's name); a pretrained timm or torchvision model says
+it in its `pretrained_cfg` or weights transforms (`kshare.models.pretrained`), which adds how
+pictures are cut to size (the centre crop's share of the shorter side, the interpolation).
+Checkpoints carry the recipe, and every command that feeds the model uses it as the default
+and says when the data differs.
 """
 
 from __future__ import annotations
@@ -19,18 +22,33 @@ from kshare.errors import CheckpointError
 
 _RECIPE_ATTR = "_kshare_input"
 MAX_CLASSES = 1_000_000
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
 @dataclass(frozen=True)
 class InputRecipe:
     """What the model was trained on: `input_size` (C, H, W), per-channel `mean`/`std` of the
-    normalisation, `classes` in output order, and the dataset's name."""
+    normalisation, `classes` in output order, the dataset's name, and the `source` of a recipe
+    kshare did not write itself (`timm pretrained_cfg`, `--mean/--std`, ...). Pictures are
+    resized so that the `input_size` centre crop is `crop_pct` of their shorter side, with
+    `interpolation` (timm's convention; 1.0: the whole shorter side)."""
 
     input_size: tuple[int, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: tuple[str, ...] = ()
     data: str = ""
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.crop_pct, (int, float)) and not isinstance(self.crop_pct, bool)
+                and 0.05 <= self.crop_pct <= 1.0):
+            raise CheckpointError(f"an input recipe's crop share must be in [0.05, 1], got {self.crop_pct!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise CheckpointError(f"an input recipe's interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                                  f"got {self.interpolation!r}")
 
     @property
     def channels(self) -> int:
@@ -42,7 +60,8 @@ class InputRecipe:
 
     def to_dict(self) -> dict[str, Any]:
         return {"input_size": list(self.input_size), "mean": list(self.mean), "std": list(self.std),
-                "classes": list(self.classes), "data": self.data}
+                "classes": list(self.classes), "data": self.data,
+                "crop_pct": self.crop_pct, "interpolation": self.interpolation, "source": self.source}
 
     @classmethod
     def from_dict(cls, data: Any, what: str = "checkpoint") -> InputRecipe:
@@ -52,6 +71,8 @@ class InputRecipe:
             raise bad
         size, mean, std = data.get("input_size"), data.get("mean"), data.get("std")
         classes, name = data.get("classes", []), data.get("data", "")
+        crop, interpolation = data.get("crop_pct", 1.0), data.get("interpolation", "bilinear")  # older files: none
+        source = data.get("source", "")
         if not (isinstance(size, list) and 2 <= len(size) <= 4
                 and all(isinstance(d, int) and not isinstance(d, bool) and 0 < d <= 1_000_000 for d in size)):
             raise bad
@@ -63,7 +84,11 @@ class InputRecipe:
         if any(v <= 0 for v in std) or not isinstance(name, str) or not isinstance(classes, list) \
                 or len(classes) > MAX_CLASSES or not all(isinstance(c, str) for c in classes):
             raise bad
-        return cls(tuple(size), tuple(float(v) for v in mean), tuple(float(v) for v in std), tuple(classes), name)
+        if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0.05 <= crop <= 1.0 \
+                or interpolation not in INTERPOLATIONS or not isinstance(source, str):
+            raise bad
+        return cls(tuple(size), tuple(float(v) for v in mean), tuple(float(v) for v in std), tuple(classes), name,
+                   float(crop), interpolation, source)
 
 
 def recipe_of(model: nn.Module) -> InputRecipe | None:
