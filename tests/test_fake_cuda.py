@@ -101,7 +101,7 @@ def test_cli_runs_on_the_gpu(trained: nn.Module, tmp_path: Path, monkeypatch: py
             code, out = cli("eval", tmp_path / f"{device}.pt", "--trust-code", "--data", "digits", "--json",
                             "--device", device)
             assert code == 0, out
-            acc = json.loads(out)["acc"]
+            acc = json.loads(out.strip().splitlines()[-1])["acc"]  # after the line on how images are fed
             code, out = cli("calibrate", tmp_path / f"{device}.pt", "--trust-code", "--data", "digits",
                             "--device", device, "--out", tmp_path / f"{device}.cal.pt")
             assert code == 0 and "recalibrated" in out, out
