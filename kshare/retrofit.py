@@ -28,10 +28,10 @@ from torch import nn
 from kshare.analysis.inspect import inspect_model
 from kshare.data import ImageData, ImageSource, adapter_for, as_image_data, decoding_for
 from kshare.errors import DataError, PlanError, TrainingError, param
-from kshare.fit.batchnorm import batch_norms, recalibrate_on
+from kshare.fit.batchnorm import BatchNormChoice, batch_norms, choose_batchnorm, recalibrate_on
 from kshare.fit.blocks import UnitReconstruction
 from kshare.fit.config import FitConfig
-from kshare.fit.fidelity import Fidelity, measure_fidelity
+from kshare.fit.fidelity import Fidelity, GroupCost, group_costs, measure_fidelity
 from kshare.fit.order import FitReport, fit_kernels, output_metric, reconstruct_fitted
 from kshare.fit.statistics import fit_batches
 from kshare.kernels import FITTED
@@ -54,17 +54,28 @@ log = logging.getLogger(__name__)
 HELD_OUT = 256  # images of `data` kept from every step, where fidelity is measured
 
 
+BATCHNORM_CHOICES = ("measure", "all")
+JUDGE_IMAGES = 256  # fit images the BatchNorm choice is judged on
+
+
 @dataclass(frozen=True)
 class RecalibrateConfig:
     """BatchNorm recalibration after tying: on `images` of the data (None: the fit's own images,
     or 512 after a weight-space init), a sample of seed `seed` (None: the fit's, or 0), in
-    batches of `batch_size`."""
+    batches of `batch_size`. `choose`: `measure` re-estimates a block's layers only where that
+    brings the model closer to the untied one on the fit images (`choose_batchnorm`: a
+    pretrained network keeps the statistics it learned where photos would move them); `all`
+    re-estimates every layer."""
 
     images: int | None = None
     batch_size: int = 256
     seed: int | None = None
+    choose: str = "measure"
 
     def __post_init__(self) -> None:
+        if self.choose not in BATCHNORM_CHOICES:
+            raise TrainingError(f"{param('choose')} must be one of {', '.join(BATCHNORM_CHOICES)}, "
+                                f"got {self.choose!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise TrainingError(f"{param('seed')} must be a whole number, got {self.seed!r}")
         for name in ("images", "batch_size"):
@@ -103,6 +114,8 @@ class RetrofitReport:
     seconds: float = 0.0
     data: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    batchnorm: BatchNormChoice | None = None  # which layers were re-estimated, where that was measured
+    costs: tuple[GroupCost, ...] = ()  # what each group costs in fidelity on the held-out images
 
     @property
     def final(self) -> Step:
@@ -121,6 +134,9 @@ class RetrofitReport:
         """What a checkpoint keeps of it (plain values only): the data, the images, each step's figures."""
         return {"data": self.data, "fit_images": self.fit_images, "held_out_images": self.held_out_images,
                 "mode": self.fit.mode if self.fit else None, "recalibrated": self.recalibrated,
+                "batchnorm": {k: list(v) if isinstance(v, tuple) else v for k, v in
+                              dataclasses.asdict(self.batchnorm).items()} if self.batchnorm else None,
+                "costs": [dataclasses.asdict(c) for c in self.costs],
                 "steps": [{"name": s.name, "seconds": s.seconds, "accuracy": s.accuracy,
                            "fidelity": dataclasses.asdict(s.fidelity) if s.fidelity else None} for s in self.steps]}
 
@@ -138,6 +154,7 @@ def retrofit(
     test: ImageData | None = None,
     held_out: int = HELD_OUT,
     measure_untied: bool = True,
+    costs_of_groups: bool = True,
     transform: Callable[[Any], Any] | None = None,
     image_size: int | None = None,
     input_size: Any = None,
@@ -159,6 +176,8 @@ def retrofit(
     untied original), checkpointed to `out`. `test`: a labelled split for accuracy. `held_out`:
     images of `data` kept from every step for fidelity (fewer when the data is small; 0: none);
     `measure_untied`: the test accuracy of the untied model first (a sweep knows it already).
+    `costs_of_groups`: at the end, what each group costs in fidelity on the held-out images
+    (`group_costs`: one pass of both models per group).
     `image_size`: the model's input size, when not the one it was trained at."""
     start = time.perf_counter()
     if plan_of(model) is not None:
@@ -230,6 +249,7 @@ def retrofit(
         apply_plan(model, with_errors(model, with_init(plan, init)))
         measure(f"tied ({init or 'plan init'})", time.perf_counter() - began)
     recalibrated = 0
+    choice = None
     if recal is not None and batch_norms(model):
         assert images is not None and adapter is not None
         began = time.perf_counter()
@@ -238,7 +258,18 @@ def retrofit(
                 or seed != fit.seed:  # else: the fit's own batches
             count = min(recal.images or fit_n, len(images.labels))
             batches = fit_batches(images, count, recal.batch_size, adapter, dev, seed)
-        recalibrated = recalibrate_on(model, batches)
+        if recal.choose == "measure":
+            judge, count = [], 0
+            for x in batches:  # the first JUDGE_IMAGES fit images: the held-out ones stay unread
+                judge.append(x[: JUDGE_IMAGES - count])
+                count += len(judge[-1])
+                if count >= JUDGE_IMAGES:
+                    break
+            choice = choose_batchnorm(model, original, batches, judge)
+            recalibrated = len(choice.reestimated)
+            log.info(choice.line())
+        else:
+            recalibrated = recalibrate_on(model, batches)
         measure("BatchNorm recalibrated", time.perf_counter() - began)
     units: tuple[UnitReconstruction, ...] = ()
     if fit is not None and fit.reconstruct:
@@ -262,8 +293,15 @@ def retrofit(
                                      seconds=report.seconds + sum(u.seconds for u in units))
     tied = plan_of(model)
     assert tied is not None
+    costs: tuple[GroupCost, ...] = ()
+    if probe and costs_of_groups:
+        costs = group_costs(model, original, tied.groups, probe, steps[-1].fidelity)
+        log.info("what each group costs on the held-out images: " + ", ".join(
+            f"{c.group} KL +{c.kl:.4f}" for c in sorted(costs, key=lambda c: -c.kl)[:5]) + (", ..." if len(costs) > 5
+                                                                                             else ""))
     return RetrofitReport(tied, tuple(steps), report, recalibrated, units, history, fit_n if fit else 0,
-                          sum(len(b) for b in probe), time.perf_counter() - start, images.name if images else "")
+                          sum(len(b) for b in probe), time.perf_counter() - start, images.name if images else "",
+                          batchnorm=choice, costs=costs)
 
 
 def fit_and_tie(model: nn.Module, plan: SharingPlan, data: ImageSource, config: FitConfig = FitConfig(), *,
@@ -275,6 +313,23 @@ def fit_and_tie(model: nn.Module, plan: SharingPlan, data: ImageSource, config: 
                       progress=progress)
     assert report.fit is not None
     return report.fit
+
+
+def batchnorm_mode(mode: str, fit: FitConfig | None) -> tuple[FitConfig | None, RecalibrateConfig | bool]:
+    """`fit` and the recalibration for a BatchNorm `mode`:
+    - `all`: the fit expects every statistic re-estimated after it (`FitConfig.track_batchnorm`), and they are;
+    - `measure`: the fit reproduces the raw outputs under the model's statistics, then a block's are
+      re-estimated only where the KL to the untied model falls (`choose_batchnorm`);
+    - `keep`: the same fit, and the statistics the model has are kept."""
+    if mode not in (*BATCHNORM_CHOICES, "keep"):
+        raise TrainingError(f"{param('batchnorm')} must be one of {', '.join(BATCHNORM_CHOICES)} or keep, "
+                            f"got {mode!r}")
+    if mode == "all":
+        return fit, RecalibrateConfig(batch_size=fit.batch_size if fit is not None else 256, choose="all")
+    untracked = dataclasses.replace(fit, track_batchnorm=False) if fit is not None else None
+    if mode == "keep":
+        return (dataclasses.replace(untracked, recalibrate=False) if untracked is not None else None), False
+    return untracked, RecalibrateConfig(batch_size=fit.batch_size if fit is not None else 256, choose="measure")
 
 
 def _recalibration(recalibrate: RecalibrateConfig | bool | None, fit: FitConfig | None) -> RecalibrateConfig | None:

@@ -63,12 +63,12 @@ app = typer.Typer(
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Python parameters with a flag of the same name here (`image_size` → `--image-size`), and those whose flag differs.
-FLAGGED = frozenset("""alpha batch_size budgets cache_memory calib_images channels_last clip_grad compile crop_pct data
-    data_root device distill epochs exclude feature_weight fit fit_cache fit_images fit_mode groups held_out image_size
-    images include init input_size interpolation label_smoothing max_trials mean std target time_limit
-    limit_test limit_train lr match min_size model momentum opset optimizer out plan precision reconstruct
-    reconstruct_images relax resume seed seeds share_bias teacher teacher_weights temperature trust_code weight_decay
-    weights""".split())
+FLAGGED = frozenset("""alpha batch_size batchnorm budgets cache_memory calib_images channels_last fit_mode groups
+    held_out clip_grad compile crop_pct data data_root device distill epochs exclude feature_weight fit fit_cache
+    fit_images image_size images include init input_size interpolation label_smoothing limit_test limit_train lr match
+    max_trials mean min_size model momentum opset optimizer out plan precision reconstruct reconstruct_images
+    relax resume seed seeds share_bias std target teacher teacher_weights temperature time_limit trust_code
+    weight_decay weights""".split())
 RENAMED = {"warmup_epochs": "--warmup", "policy": "--groups"}
 MODEL_ARGUMENTS = ("num_classes", "in_chans")  # passed as `-k KEY=VALUE`
 
@@ -234,6 +234,11 @@ FitCacheOpt = Annotated[bool, typer.Option(
 CacheMemoryOpt = Annotated[float, typer.Option(
     help="GiB the sequential fit's activation caches may take in memory: float32 within it, else float16, "
          "else float16 memory-mapped on disk (0: always on disk).", min=0.0, rich_help_panel=FIT)]
+BatchNormOpt = Annotated[str, typer.Option(
+    help="After the fit: measure (re-estimate a block's BatchNorm statistics only where that brings the model "
+         "closer to the untied one on the fit images), all (re-estimate every layer), keep (keep the statistics "
+         "the model has, in the sequential fit too: a pretrained network's).", rich_help_panel=FIT)]
+BATCHNORM_MODES = ("measure", "all", "keep")
 HeldOutOpt = Annotated[int, typer.Option(help="Images of --data no step reads, where fidelity to the untied model "
                                               "is measured (fewer when the data is small; 0: none).",
                                          rich_help_panel=DATA)]

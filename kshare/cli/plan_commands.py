@@ -26,6 +26,7 @@ from kshare.cli.app import (
     MODEL,
     OUTPUT,
     PLAN,
+    BatchNormOpt,
     CacheMemoryOpt,
     ConfigOpt,
     DataRootOpt,
@@ -64,7 +65,7 @@ from kshare.models.zoo import catalog, default_input_size, load_model, parse_kwa
 from kshare.planning.config import POLICY_HELP, BudgetConfig, SharingConfig, parse_config
 from kshare.planning.plan import SharingPlan
 from kshare.planning.relaxation import RELAX_HELP
-from kshare.retrofit import HELD_OUT, retrofit
+from kshare.retrofit import HELD_OUT, batchnorm_mode, retrofit
 from kshare.surgery.fold import fold
 from kshare.surgery.tie import plan_of
 from kshare.training.runtime import resolve_device
@@ -191,6 +192,7 @@ def apply(
     reconstruct_images: ReconstructImagesOpt = None,
     fit_cache: FitCacheOpt = True,
     cache_memory: CacheMemoryOpt = 4.0,
+    batchnorm: BatchNormOpt = "measure",
     device: DeviceOpt = None,
 ) -> None:
     """Tie the sharing groups of a model and save it: each shared kernel is stored once.
@@ -236,14 +238,14 @@ def apply(
     if fit == "data":
         assert data is not None
         feed.apply(net)
-        config = FitConfig(mode=fit_mode, images=fit_images, reconstruct=reconstruct,
-                           reconstruct_images=reconstruct_images, seed=seed, cache=fit_cache,
-                           cache_memory=int(cache_memory * 2**30))
+        config, recal = batchnorm_mode(batchnorm, FitConfig(
+            mode=fit_mode, images=fit_images, reconstruct=reconstruct, reconstruct_images=reconstruct_images,
+            seed=seed, cache=fit_cache, cache_memory=int(cache_memory * 2**30)))
         images = load_data(data, "train", data_root, decoding_for(net, image_size))
         with progress_bars() as progress:
-            report = retrofit(net, chosen, images, fit=config, relax=request.relax, held_out=held_out,
-                              image_size=image_size, input_size=request.input_size, device=resolve_device(device),
-                              progress=progress)
+            report = retrofit(net, chosen, images, fit=config, recalibrate=recal, relax=request.relax,
+                              held_out=held_out, image_size=image_size, input_size=request.input_size,
+                              device=resolve_device(device), progress=progress)
         path = save(net.cpu(), out, spec=spec, extra={"retrofit": report.record()})
         render_applied(plan_of(net), path, Console())
         render_retrofit(report, Console())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -189,8 +190,23 @@ def render_retrofit(report: RetrofitReport, console: Console) -> None:
         if step.fidelity is not None:
             parts.append(step.fidelity.line())
         console.print(f"{step.name}: " + "; ".join(parts))
+    if report.batchnorm is not None:
+        console.print(report.batchnorm.line())
+    if report.costs:
+        console.print(costs_table([dataclasses.asdict(c) for c in report.costs]))
     if not report.held_out_images:
         console.print("fidelity not measured: no image of the data was left to hold out (--held-out)")
+
+
+def costs_table(costs: Sequence[dict[str, Any]]) -> Table:
+    """What each group costs on the held-out images: the fidelity regained with it untied."""
+    table = Table(title="What each group costs (held-out images, that group alone untied)", title_justify="left")
+    for column in ("group", "params saved", "KL added", "top-1 agreement taken"):
+        table.add_column(column, justify="left" if column == "group" else "right")
+    for c in sorted(costs, key=lambda c: -float(c.get("kl") or 0.0)):
+        table.add_row(str(c.get("group")), f"{int(c.get('params_saved') or 0):,}", f"{float(c.get('kl') or 0):+.4f}",
+                      f"{float(c.get('top1') or 0):+.1%}")
+    return table
 
 
 def render_reconstruction(units: Sequence[UnitReconstruction], console: Console) -> None:
@@ -233,12 +249,21 @@ def render_info(summary: dict[str, Any], console: Console) -> None:
         if isinstance(last.get("accuracy"), float):
             line += f", test acc {last['accuracy']:.4f}"
         console.print(line)
+        choice = retrofit.get("batchnorm")
+        if isinstance(choice, dict) and isinstance(choice.get("kept"), list):
+            console.print(f"BatchNorm: {len(choice.get('reestimated') or [])} layer(s) re-estimated, "
+                          f"{len(choice['kept'])} kept (chosen by measured KL)")
+        if isinstance(retrofit.get("costs"), list) and retrofit["costs"]:
+            console.print(costs_table([c for c in retrofit["costs"] if isinstance(c, dict)]))
     recipe = summary.get("input")
     if recipe:
         console.print(f"fed as trained: input {','.join(map(str, recipe['input_size']))}, mean "
                       f"{tuple(round(v, 4) for v in recipe['mean'])}, std {tuple(round(v, 4) for v in recipe['std'])}"
+                      + (f", centre crop {recipe['crop_pct']:.3g} of the shorter side ({recipe['interpolation']})"
+                         if recipe.get("crop_pct") is not None and recipe.get("interpolation") else "")
                       + (f", {len(recipe['classes'])} classes" if recipe.get("classes") else "")
-                      + (f" ({recipe['data']})" if recipe.get("data") else ""))
+                      + (f" ({recipe['data']})" if recipe.get("data") else "")
+                      + (f" [{recipe['source']}]" if recipe.get("source") else ""))
     plan = summary["plan"]
     if not plan:
         console.print("not tied: no sharing plan in this checkpoint")

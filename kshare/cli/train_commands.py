@@ -20,6 +20,7 @@ from kshare.cli.app import (
     FIT,
     OUTPUT,
     PLAN,
+    BatchNormOpt,
     CacheMemoryOpt,
     ChannelsLastOpt,
     CompileOpt,
@@ -59,7 +60,7 @@ from kshare.fit.config import FitConfig
 from kshare.io.checkpoint import load, read, restore, save
 from kshare.kernels import INITS
 from kshare.models.zoo import load_model, parse_kwargs
-from kshare.retrofit import HELD_OUT
+from kshare.retrofit import HELD_OUT, batchnorm_mode
 from kshare.retrofit import retrofit as run_retrofit
 from kshare.surgery.tie import plan_of
 from kshare.sweep import SweepConfig, aggregate, pareto, run_sweep
@@ -373,6 +374,7 @@ def retrofit(
     reconstruct_images: ReconstructImagesOpt = None,
     fit_cache: FitCacheOpt = True,
     cache_memory: CacheMemoryOpt = 4.0,
+    batchnorm: BatchNormOpt = "measure",
     epochs: Annotated[int, typer.Option(help="Fine-tune epochs after the fit (0: none; needs labelled data).",
                                         rich_help_panel=FINETUNE)] = 0,
     distill: Annotated[bool, typer.Option(help="Distil the fine-tune from the untied model.",
@@ -400,8 +402,9 @@ def retrofit(
     train_config = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, distill=distill, seed=seed,
                                image_size=image_size, warmup_epochs=warmup, feature_weight=feature_weight
                                ) if epochs else None
-    config = FitConfig(mode=fit_mode, images=fit_images, seed=seed, reconstruct=reconstruct,
-                       reconstruct_images=reconstruct_images, cache=fit_cache, cache_memory=int(cache_memory * 2**30))
+    config, recal = batchnorm_mode(batchnorm, FitConfig(
+        mode=fit_mode, images=fit_images, seed=seed, reconstruct=reconstruct, reconstruct_images=reconstruct_images,
+        cache=fit_cache, cache_memory=int(cache_memory * 2**30)))
     net, spec = request.build()
     feed.apply(net)
     size = decoding_for(net, image_size)
@@ -415,8 +418,8 @@ def retrofit(
     if train_data.labelled:
         test_data = load_data(data, "test", data_root, size).subset(_limit(limit_test, "--limit-test"))
     with progress_bars() as progress:
-        report = run_retrofit(net, request.config(), train_data, fit=config, finetune=train_config, test=test_data,
-                              held_out=held_out, image_size=image_size, input_size=request.input_size,
+        report = run_retrofit(net, request.config(), train_data, fit=config, recalibrate=recal, finetune=train_config,
+                              test=test_data, held_out=held_out, image_size=image_size, input_size=request.input_size,
                               device=device, out=out, progress=progress)
     if train_config is None:
         save(net.cpu(), out, spec=spec, extra={"retrofit": report.record()})

@@ -12,13 +12,16 @@ now sees. No gradient, no weight changes; cheap next to any fine-tune.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kshare.data import Adapter, ImageData, adapter_for
 from kshare.errors import TrainingError, param
+from kshare.fit.fidelity import logits_of
 
 BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
 
@@ -71,3 +74,92 @@ def recalibrate_on(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
             m.train(training)
         model.train(was_training)
     return len(norms)
+
+
+@dataclass(frozen=True)
+class BatchNormChoice:
+    """Which BatchNorm layers were re-estimated, decided by measurement (`choose_batchnorm`): the
+    layers re-estimated and kept, and the KL to the untied model on the images it was judged on
+    with every layer kept, every layer re-estimated, and as chosen."""
+
+    reestimated: tuple[str, ...]
+    kept: tuple[str, ...]
+    kl_kept: float
+    kl_all: float
+    kl_chosen: float
+    images: int
+
+    def line(self) -> str:
+        return (f"BatchNorm re-estimated in {len(self.reestimated)} of {len(self.reestimated) + len(self.kept)} "
+                f"layers, where that lowered the KL to the untied model on {self.images} fit images "
+                f"(all kept {self.kl_kept:.4f}, all re-estimated {self.kl_all:.4f}, chosen {self.kl_chosen:.4f})")
+
+
+@torch.no_grad()
+def choose_batchnorm(model: nn.Module, original: nn.Module, batches: Sequence[torch.Tensor],
+                     judge: Sequence[torch.Tensor]) -> BatchNormChoice:
+    """Re-estimate `model`'s BatchNorm statistics on `batches` only where that brings it closer to
+    `original` on the `judge` batches (KL of the output distributions).
+
+    A pretrained network's statistics were measured on millions of images; re-estimated on a few
+    hundred photos of another domain they move every layer's input, and the network with them.
+    But after tying, a layer's statistics may be stale. So: every layer kept, every layer
+    re-estimated, then block by block (the layers of one parent module, in network order) the
+    other choice tried and kept where the KL falls. Ties keep the pretrained statistics."""
+    norms = dict((n, m) for n, m in model.named_modules() if isinstance(m, BATCH_NORMS) and m.track_running_stats)
+    if not norms:
+        return BatchNormChoice((), (), 0.0, 0.0, 0.0, 0)
+    reference = [F.log_softmax(logits_of(_eval(original, x)).float().flatten(1), 1) for x in judge]
+    count = sum(len(x) for x in judge)
+
+    def kl() -> float:
+        total = 0.0
+        for x, p in zip(judge, reference, strict=True):
+            q = F.log_softmax(logits_of(_eval(model, x)).float().flatten(1), 1)
+            total += float((p.exp() * (p - q)).sum(dtype=torch.float64))
+        return total / count
+
+    kept_state = {n: _stats(m) for n, m in norms.items()}
+    kl_kept = kl()
+    recalibrate_on(model, batches)
+    fresh = {n: _stats(m) for n, m in norms.items()}
+    kl_all = kl()
+    chosen = set(norms) if kl_all < kl_kept else set()
+    best = min(kl_all, kl_kept)
+    blocks: dict[str, list[str]] = {}
+    for name in norms:  # module order: network order for the models kshare meets
+        blocks.setdefault(name.rpartition(".")[0], []).append(name)
+    for names in blocks.values():
+        trial = chosen ^ set(names)
+        _set(norms, trial, fresh, kept_state)
+        found = kl()
+        if found < best:
+            chosen, best = trial, found
+    _set(norms, chosen, fresh, kept_state)
+    order = list(norms)
+    return BatchNormChoice(tuple(n for n in order if n in chosen), tuple(n for n in order if n not in chosen),
+                           kl_kept, kl_all, best, count)
+
+
+def _eval(model: nn.Module, x: torch.Tensor) -> object:
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        return model(x)
+    finally:
+        for m, flag in modes:
+            m.training = flag
+
+
+def _stats(norm: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, ...]:
+    return tuple(t.clone() for t in (norm.running_mean, norm.running_var, norm.num_batches_tracked)
+                 if t is not None)
+
+
+def _set(norms: dict[str, nn.modules.batchnorm._BatchNorm], chosen: set[str],
+         fresh: dict[str, tuple[torch.Tensor, ...]], kept: dict[str, tuple[torch.Tensor, ...]]) -> None:
+    for name, norm in norms.items():
+        values = fresh[name] if name in chosen else kept[name]
+        targets = [t for t in (norm.running_mean, norm.running_var, norm.num_batches_tracked) if t is not None]
+        for target, value in zip(targets, values, strict=True):
+            target.copy_(value)

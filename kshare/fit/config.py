@@ -18,7 +18,10 @@ class FitConfig:
     class-balanced sample; labels unused), at most `positions` output positions per image and
     layer, the dampening `damp` (fraction of the mean diagonal), the members' `weighting`, and
     whether BatchNorm statistics are re-estimated on the calibration images at the end
-    (`recalibrate`; the sequential mode always re-estimates them between groups of its copy).
+    (`recalibrate`). `track_batchnorm`: the fit expects BatchNorm statistics to be re-estimated
+    after it, so a conv followed by one has its outputs fitted up to each channel's mean, and the
+    sequential mode re-estimates them in its partly tied copy between units; off, the fit
+    reproduces the raw outputs under the statistics the model has (a pretrained network's).
     `reconstruct` > 0 then trains each unit of blocks for that many steps towards the untied
     outputs (`kshare.fit.blocks`), at `reconstruct_lr`, on `reconstruct_images` of the
     same seeded order (default: the fit's own; the closed form is done by about 512, while the
@@ -34,6 +37,7 @@ class FitConfig:
     weighting: str = "relative"
     compensate: bool = True
     recalibrate: bool = True
+    track_batchnorm: bool = True
     seed: int = 0
     reconstruct: int = 0
     reconstruct_lr: float = 1e-3

@@ -9,11 +9,15 @@ read. No labels needed: the original's own outputs are the reference.
   `CONFIDENT` probability (where its answer means something; `None` when it gives none);
 - output error: ‖s − t‖² / ‖t‖² of the raw outputs, summed over the images (any tensor output).
 With labels, `accuracy` adds the retrofitted model's own accuracy on the same images.
+
+Per group (`group_costs`): the fidelity the model regains when that group alone computes as in
+the original, which is what tying it costs, against the parameters it saves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,3 +99,53 @@ def measure_fidelity(model: nn.Module, original: nn.Module, batches: Sequence[to
             m.training = flag
     return Fidelity(n, agree / n, agree5 / n, kl / n, confident_agree / confident if confident else None, confident,
                     error / max(energy, 1e-30), correct / n if labels is not None else None)
+
+
+@dataclass(frozen=True)
+class GroupCost:
+    """What tying one group costs: the fidelity the tied model regains when only this group's
+    members compute as in the original (`kl`: KL it adds; `top1`: top-1 agreement it takes),
+    against the parameters its sharing saves."""
+
+    group: str
+    params_saved: int
+    kl: float
+    top1: float
+
+    @property
+    def kl_per_million(self) -> float:
+        """KL added per million parameters saved: the rank a fidelity search reverts groups by."""
+        return self.kl / max(self.params_saved / 1e6, 1e-9)
+
+
+@contextmanager
+def computing_as(model: nn.Module, original: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """While open, the modules `names` of `model` output what the same modules of `original` do
+    on the inputs they get in `model` (forward hooks; nothing in either model changes): the
+    tied model with some of its layers untied, without any surgery."""
+    ours, theirs = dict(model.named_modules()), dict(original.named_modules())
+
+    def replace(name: str):  # type: ignore[no-untyped-def]
+        def hook(_: nn.Module, inputs: tuple[torch.Tensor, ...], __: torch.Tensor) -> torch.Tensor:
+            return theirs[name](*inputs)
+        return hook
+
+    handles = [ours[n].register_forward_hook(replace(n)) for n in names]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def group_costs(model: nn.Module, original: nn.Module, groups: Sequence[Any], batches: Sequence[torch.Tensor],
+                tied: Fidelity | None = None) -> tuple[GroupCost, ...]:
+    """Each group's cost (`GroupCost`), measured on `batches` with that group alone computing as in
+    `original` (one pass of both models per group); `tied`: the model's own fidelity, if known."""
+    tied = tied or measure_fidelity(model, original, batches)
+    costs = []
+    for group in groups:
+        with computing_as(model, original, group.members):
+            without = measure_fidelity(model, original, batches)
+        costs.append(GroupCost(group.name, group.params_saved, tied.kl - without.kl, without.top1 - tied.top1))
+    return tuple(costs)

@@ -116,7 +116,9 @@ def fit_kernels(model: nn.Module, plan: SharingPlan, batches: Sequence[torch.Ten
     modules = dict(model.named_modules())
     readable = [g for g in plan.groups if all(supports(modules[m]) for m in g.members)]
     members = [m for g in readable for m in g.members]
-    centred = following_batchnorms(model, members, batches[0]) if members else set()
+    # a BatchNorm re-estimated after the fit removes each channel's mean: its conv's outputs are fitted up to
+    # it; one whose statistics stay (a pretrained network's) needs the raw outputs reproduced
+    centred = following_batchnorms(model, members, batches[0]) if members and config.track_batchnorm else set()
     fits: dict[str, Fitted] = {}
     refits: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     kept = ""
@@ -128,7 +130,8 @@ def fit_kernels(model: nn.Module, plan: SharingPlan, batches: Sequence[torch.Ten
     else:
         work = copy.deepcopy(model)  # the partially tied network: fitted kernels copied into each member
         units = _units(model, readable, batches[0], config.compensate)
-        centred |= following_batchnorms(model, [n for u in units if isinstance(u, list) for n in u], batches[0])
+        if config.track_batchnorm:
+            centred |= following_batchnorms(model, [n for u in units if isinstance(u, list) for n in u], batches[0])
         fits, refits, kept = _sequential(model, work, units, batches, config, centred, relaxation, plan.share_bias,
                                          progress)
         del work
@@ -176,11 +179,12 @@ def _sequential(model: nn.Module, work: nn.Module, units: list[Group | list[str]
             label = f"unit {index + 1}/{len(units)} ({unit.name if isinstance(unit, Group) else ', '.join(names)})"
             forward = None
             if streams is not None:
-                streams.reach(names, index > 0, f"activations, {label}")
+                streams.reach(names, index > 0 and config.track_batchnorm, f"activations, {label}")
                 forward = streams.forward
             # what the fits before it changed reaches BatchNorm too: re-estimated in the same pass
             moments = collect(work, names, batches, source=model, positions=config.positions, seed=config.seed,
-                              recalibrate=index > 0, progress=progress, task=f"statistics, {label}", forward=forward)
+                              recalibrate=index > 0 and config.track_batchnorm, progress=progress,
+                              task=f"statistics, {label}", forward=forward)
             with torch.no_grad():
                 if isinstance(unit, list):  # unshared layers after a tied group: refit to their original outputs
                     for name in unit:

@@ -117,23 +117,28 @@ def summarize(path: str | Path) -> dict[str, Any]:
 
 
 def _retrofit_summary(extra: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The plain part of a retrofit's record (`RetrofitReport.record`): its data and each step's figures."""
+    """The plain part of a retrofit's record (`RetrofitReport.record`): its data, each step's
+    figures, the BatchNorm choice, each group's cost, a fidelity search's trials."""
     record = extra.get("retrofit")
     if not isinstance(record, Mapping) or not isinstance(record.get("steps"), list):
         return None
-    plain = (str, int, float, bool, type(None))
-    keep: dict[str, Any] = {k: v for k, v in record.items() if k != "steps" and isinstance(k, str)
-                            and isinstance(v, plain)}
-    steps = []
-    for step in record["steps"]:
-        if not isinstance(step, Mapping):
-            continue
-        row = {k: v for k, v in step.items() if isinstance(k, str) and isinstance(v, plain)}
-        fidelity = step.get("fidelity")
-        if isinstance(fidelity, Mapping):
-            row["fidelity"] = {k: v for k, v in fidelity.items() if isinstance(k, str) and isinstance(v, plain)}
-        steps.append(row)
-    return keep | {"steps": steps}
+    found = _plain(record)
+    assert isinstance(found, dict)
+    return found
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """`value` with only plain values (str, numbers, bools, None) in lists and str-keyed dicts,
+    four levels deep at most: a file may hold anything."""
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return value
+    if depth >= 4:
+        return None
+    if isinstance(value, Mapping):
+        return {k: _plain(v, depth + 1) for k, v in value.items() if isinstance(k, str)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, depth + 1) for v in value]
+    return None
 
 
 def _training_summary(extra: Mapping[str, Any]) -> dict[str, Any] | None:
