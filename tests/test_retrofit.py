@@ -366,3 +366,19 @@ def test_cli_retrofit_feature_weight_needs_a_fine_tune(tmp_path: Path) -> None:
                         "--out", tmp_path / "r.pt")
         assert code == 2 and out.strip().startswith("error:") and "--feature-weight" in out and "untied" not in out, out
         assert not (tmp_path / "r.pt").exists()
+
+
+def test_layers_with_too_few_samples_keep_their_weights(trained: nn.Module, digits) -> None:
+    """Refitting an unshared layer after a tied group needs `REFIT_ROWS_PER_INPUT` samples per input:
+    the classifier (16 inputs, one sample per image) is refitted on 256 images, not on 8."""
+    from kshare.fit.solve import REFIT_ROWS_PER_INPUT
+
+    train, _ = digits
+    heads = {}
+    for images in (8, 256):
+        config = FitConfig(images=images, mode="sequential", compensate=True)
+        tied = kshare.tie(copy.deepcopy(trained), "all", input_size=(1, 8, 8), calib=train.subset(images), fit=config)
+        heads[images] = tied.head.weight.detach()
+    assert 8 < REFIT_ROWS_PER_INPUT * trained.head.in_features <= 256
+    assert torch.equal(heads[8], trained.head.weight)  # kept as trained
+    assert not torch.allclose(heads[256], trained.head.weight)  # refitted to its original outputs

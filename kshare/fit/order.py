@@ -36,7 +36,7 @@ from kshare.errors import PlanError
 from kshare.fit.batchnorm import batch_norms
 from kshare.fit.blocks import UnitReconstruction, held_out_images, reconstruct
 from kshare.fit.config import FitConfig
-from kshare.fit.solve import Fitted, GroupFit, assign, effective, fit_group, refit_layer
+from kshare.fit.solve import Fitted, GroupFit, assign, effective, fit_group, refit_layer, well_posed
 from kshare.fit.statistics import collect, fit_batches, supports
 from kshare.fit.streams import paired_streams
 from kshare.kernels import FITTED
@@ -188,6 +188,10 @@ def _sequential(model: nn.Module, work: nn.Module, units: list[Group | list[str]
             with torch.no_grad():
                 if isinstance(unit, list):  # unshared layers after a tied group: refit to their original outputs
                     for name in unit:
+                        if not well_posed(moments[name]):
+                            log.info(f"{name} keeps its weights: {moments[name].rows:,} samples are too few to "
+                                     f"refit its {moments[name].gram.shape[-1]:,} inputs")
+                            continue
                         refits[name] = refit_layer(modules[name], moments[name], name in centred, config.damp)
                         assign(work_modules[name], *refits[name])
                 else:

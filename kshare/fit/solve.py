@@ -156,6 +156,16 @@ def effective(fitted: Fitted, index: int, shape: torch.Size) -> torch.Tensor:
     return kernel.reshape(shape)
 
 
+REFIT_ROWS_PER_INPUT = 4  # samples per input feature below which a refit learns the images, not the layer
+
+
+def well_posed(moments: Moments) -> bool:
+    """Whether `moments` hold enough samples to refit a layer from them: at least
+    `REFIT_ROWS_PER_INPUT` per input feature. A classifier with 1,280 inputs, refitted on 560
+    images (one sample each), reproduces those images and moves every other output."""
+    return moments.rows >= REFIT_ROWS_PER_INPUT * moments.gram.shape[-1]
+
+
 def refit_layer(layer: nn.Module, moments: Moments, centred: bool, damp: float
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """An unshared layer's weights (and bias, unless a BatchNorm removes it) refitted to reproduce
