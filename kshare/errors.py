@@ -70,3 +70,7 @@ class TrainingError(KShareError):
 
 class StudyError(KShareError):
     """A study file or study settings kshare cannot use."""
+
+
+class SearchError(KShareError):
+    """A fidelity target or search settings kshare cannot use."""

@@ -361,3 +361,27 @@ def with_relaxation(plan: SharingPlan, relaxation: Relaxation) -> SharingPlan:
         t, params_after=t.params_after + change, param_bytes_after=t.param_bytes_after + change * itemsize,
         conv_params_after=t.conv_params_after + change)
     return dataclasses.replace(plan, relax=relaxation.name, relax_params=extra, groups=groups, totals=totals)
+
+
+def without_groups(plan: SharingPlan, names: Iterable[str], reason: str = "left untied") -> SharingPlan:
+    """`plan` with the groups `names` left untied: their members join `unshared` (with `reason`),
+    and the totals give back what those groups saved and drop their relaxation's parameters.
+    Groups are disjoint, so what one saved is its own `params_saved`."""
+    drop = set(names)
+    unknown = drop - {g.name for g in plan.groups}
+    if unknown:
+        raise PlanError(f"the plan has no group {sorted(unknown)[0]!r}")
+    relaxation = Relaxation.parse(plan.relax)
+    gone = [g for g in plan.groups if g.name in drop]
+    params = sum(g.params_saved for g in gone)
+    nbytes = sum(g.bytes_saved for g in gone)
+    extra = sum(relaxation.params_per_member(g.signature.weight_shape, rank)
+                for g in gone for rank in g.ranks_under(relaxation))
+    itemsize = gone[0].signature.itemsize if gone else 0
+    t = plan.totals
+    totals = dataclasses.replace(
+        t, params_after=t.params_after + params - extra, conv_params_after=t.conv_params_after + params - extra,
+        param_bytes_after=t.param_bytes_after + nbytes - extra * itemsize)
+    unshared = plan.unshared + tuple(Unshared(m, reason) for g in gone for m in g.members)
+    return dataclasses.replace(plan, groups=tuple(g for g in plan.groups if g.name not in drop), unshared=unshared,
+                               totals=totals, relax_params=plan.relax_params - extra)
