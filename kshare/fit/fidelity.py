@@ -16,6 +16,7 @@ the original, which is what tying it costs, against the parameters it saves.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -103,9 +104,11 @@ def measure_fidelity(model: nn.Module, original: nn.Module, batches: Sequence[to
 
 @dataclass(frozen=True)
 class GroupCost:
-    """What tying one group costs: the fidelity the tied model regains when only this group's
-    members compute as in the original (`kl`: KL it adds; `top1`: top-1 agreement it takes),
-    against the parameters its sharing saves."""
+    """What tying one group costs: how far the untied model moves from itself when only this
+    group's members (and the BatchNorms they feed) compute as in the tied model (`kl`: the KL
+    that adds; `top1`: the top-1 agreement it takes), against the parameters its sharing saves.
+    Measured from the untied side, so what the rest of the tied model adapted to the group
+    (refitted layers, re-estimated statistics) does not hide or exaggerate it."""
 
     group: str
     params_saved: int
@@ -119,33 +122,45 @@ class GroupCost:
 
 
 @contextmanager
-def computing_as(model: nn.Module, original: nn.Module, names: Sequence[str]) -> Iterator[None]:
-    """While open, the modules `names` of `model` output what the same modules of `original` do
-    on the inputs they get in `model` (forward hooks; nothing in either model changes): the
-    tied model with some of its layers untied, without any surgery."""
-    ours, theirs = dict(model.named_modules()), dict(original.named_modules())
+def computing_as(model: nn.Module, source: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """While open, the modules `names` of `model` output what the same modules of `source` do on
+    the inputs they get in `model`, and a BatchNorm fed directly by one of them normalises as the
+    one of `source` does (forward hooks; nothing in either model changes). The untied model with
+    one group computing as tied, or the tied one with some groups untied, without any surgery."""
+    ours, theirs = dict(model.named_modules()), dict(source.named_modules())
+    latest: dict[str, torch.Tensor] = {}  # each replaced module's last output, to know what a BatchNorm is fed
 
     def replace(name: str):  # type: ignore[no-untyped-def]
         def hook(_: nn.Module, inputs: tuple[torch.Tensor, ...], __: torch.Tensor) -> torch.Tensor:
-            return theirs[name](*inputs)
+            latest[name] = theirs[name](*inputs)
+            return latest[name]
+        return hook
+
+    def as_source(name: str):  # type: ignore[no-untyped-def]
+        def hook(_: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+            fed = inputs[0] if inputs else None
+            return theirs[name](fed) if any(fed is t for t in latest.values()) else out
         return hook
 
     handles = [ours[n].register_forward_hook(replace(n)) for n in names]
+    handles += [module.register_forward_hook(as_source(n)) for n, module in ours.items()
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and n in theirs]
     try:
         yield
     finally:
         for h in handles:
             h.remove()
+        latest.clear()
 
 
-def group_costs(model: nn.Module, original: nn.Module, groups: Sequence[Any], batches: Sequence[torch.Tensor],
-                tied: Fidelity | None = None) -> tuple[GroupCost, ...]:
-    """Each group's cost (`GroupCost`), measured on `batches` with that group alone computing as in
-    `original` (one pass of both models per group); `tied`: the model's own fidelity, if known."""
-    tied = tied or measure_fidelity(model, original, batches)
+def group_costs(model: nn.Module, original: nn.Module, groups: Sequence[Any], batches: Sequence[torch.Tensor]
+                ) -> tuple[GroupCost, ...]:
+    """Each group's cost (`GroupCost`), measured on `batches` with a copy of `original` in which
+    that group alone computes as in the tied `model` (one pass of both per group)."""
+    subject = copy.deepcopy(original)
     costs = []
     for group in groups:
-        with computing_as(model, original, group.members):
-            without = measure_fidelity(model, original, batches)
-        costs.append(GroupCost(group.name, group.params_saved, tied.kl - without.kl, without.top1 - tied.top1))
+        with computing_as(subject, model, group.members):
+            alone = measure_fidelity(subject, original, batches)
+        costs.append(GroupCost(group.name, group.params_saved, alone.kl, 1.0 - alone.top1))
     return tuple(costs)
