@@ -6,8 +6,8 @@ name), `kshare.planning` (configs, planners, the plan data), `kshare.surgery` (a
 relaxed members, fold), `kshare.io` (checkpoints, exports), `kshare.data` (where images come
 from, how a model is fed), `kshare.fit` (shared kernels from data, BatchNorm recalibration,
 block reconstruction, fidelity), `kshare.training` (fine-tuning), then `kshare.retrofit` (the
-one pipeline), `kshare.api` and `kshare.sweep`, and the CLI (`kshare.cli`) on top. This module
-re-exports what users call.
+one pipeline), `kshare.search` (the plan for a fidelity target), `kshare.api` and `kshare.sweep`,
+and the CLI (`kshare.cli`) on top. This module re-exports what users call.
 """
 
 from kshare._version import __version__
@@ -25,6 +25,7 @@ from kshare.errors import (
     ModelNotFoundError,
     PlanError,
     PolicyError,
+    SearchError,
     TrainingError,
     WeightsError,
 )
@@ -45,6 +46,7 @@ from kshare.planning import (
     parse_config,
 )
 from kshare.retrofit import RecalibrateConfig, RetrofitReport, Step, fit_and_tie, retrofit
+from kshare.search import SearchReport, Target, Trial, search_plan
 from kshare.surgery import apply_plan, fold, plan_of, untie
 from kshare.training import TrainConfig, evaluate, finetune
 
@@ -74,13 +76,17 @@ __all__ = [
     "RecalibrateConfig",
     "Relaxation",
     "RetrofitReport",
+    "SearchError",
+    "SearchReport",
     "SharingConfig",
     "SharingPlan",
     "Signature",
     "Step",
+    "Target",
     "Totals",
     "TrainConfig",
     "TrainingError",
+    "Trial",
     "Unshared",
     "WeightsError",
     "__version__",
@@ -105,6 +111,7 @@ __all__ = [
     "recalibrate_bn",
     "retrofit",
     "save",
+    "search_plan",
     "tie",
     "untie",
 ]

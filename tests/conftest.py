@@ -109,6 +109,34 @@ def make_nan_on_rank_one() -> nn.Module:
     return NanOnRankOne()
 
 
+class StagedNet(nn.Module):
+    """Three stages of two residual 3x3 conv blocks at widths 8, 16, 24: three sharing groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        widths = (8, 16, 24)
+        self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, padding=1), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        self.stages = nn.ModuleList()
+        self.downs = nn.ModuleList()
+        for i, w in enumerate(widths):
+            self.downs.append(nn.Identity() if i == 0 else nn.Conv2d(widths[i - 1], w, 3, stride=2, padding=1))
+            self.stages.append(nn.ModuleList(
+                nn.Sequential(nn.Conv2d(w, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()) for _ in range(2)))
+        self.head = nn.Linear(widths[-1], 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for down, blocks in zip(self.downs, self.stages, strict=True):
+            x = down(x)
+            for block in blocks:
+                x = x + block(x)
+        return self.head(x.mean((2, 3)))
+
+
+def make_staged() -> nn.Module:
+    return StagedNet()
+
+
 @pytest.fixture
 def data_dependent_net() -> nn.Module:
     torch.manual_seed(0)
