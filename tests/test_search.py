@@ -5,14 +5,18 @@ unreachable target keeps the closest plan and says so, and bad targets are refus
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import StagedNet
 from torch import nn
+from typer.testing import CliRunner
 
 import kshare
 from kshare import FitConfig
+from kshare.cli import app
 from kshare.data import adapter_for
 from kshare.fit.statistics import fit_batches
 from kshare.planning.plan import without_groups
@@ -146,3 +150,66 @@ def test_computing_as_swaps_groups_and_the_batchnorms_they_feed(trained: nn.Modu
     (cost,) = group_costs(tied, trained, [group], [x])
     assert cost.kl == pytest.approx(kshare.measure_fidelity(tied, trained, [x]).kl, rel=1e-5) and cost.kl > 0
     assert cost.params_saved == group.params_saved and cost.kl_per_million > 0
+
+
+STAGED = f"{Path(__file__).parent / 'conftest.py'}:make_staged"
+
+
+def _cli(*args: object) -> tuple[int, str, str]:
+    """Exit code, stdout, and everything printed."""
+    result = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+    return result.exit_code, result.stdout, result.output
+
+
+def test_cli_retrofit_target_writes_the_plan_kept_and_says_how_close(staged: nn.Module, tmp_path: Path) -> None:
+    base = tmp_path / "base.pt"
+    kshare.save(staged, base)
+    common = ("retrofit", STAGED, "--weights", base, "-g", "all", "--data", "digits", "--calib-images", "256",
+              "--held-out", "256")
+    code, stdout, output = _cli(*common, "--target", "kl=1e-9", "--max-trials", "3", "--json", "--out",
+                                tmp_path / "far.pt")
+    assert code == 3, output  # not reached: the closest plan is written, and the exit code says so
+    found = json.loads(stdout.strip().splitlines()[-1])
+    search = found["search"]
+    assert not search["reached"] and 2 <= len(search["trials"]) <= 3 and Path(found["plot"]).stat().st_size > 0
+    kept = search["trials"][search["chosen"]]
+    model = kshare.load(tmp_path / "far.pt", StagedNet())
+    assert sum(p.numel() for p in model.parameters()) == kept["params"]
+    assert len(kshare.plan_of(model).groups) == kept["groups"]
+    saved = torch.load(tmp_path / "far.pt", weights_only=True)["extra"]
+    assert saved["search"]["chosen"] == search["chosen"] and saved["retrofit"]["steps"]
+    code, stdout, output = _cli("info", tmp_path / "far.pt")
+    assert code == 0 and "Fidelity search for kl=1e-09 (not reached" in stdout, output
+    assert "What tying each group alone costs" in stdout
+
+    code, stdout, output = _cli(*common, "--target", "agree=0.5", "--out", tmp_path / "near.pt", "--plot",
+                                tmp_path / "near.png")
+    assert code == 0 and "reached with trial 0" in output and (tmp_path / "near.png").stat().st_size > 0, output
+    assert f"wrote {tmp_path / 'near.pt'} and {tmp_path / 'near.png'}" in stdout.replace("\n", "")
+
+
+@pytest.mark.parametrize("args, match", [
+    (("--target", "agree=1.5"), "(0, 1]"),
+    (("--target", "bogus=1"), "unknown target"),
+    (("--target", "agree=0.9", "--epochs", "1"), "drop --epochs"),
+    (("--target", "agree=0.9", "--max-trials", "0"), "--max-trials"),
+    (("--target", "agree=0.9", "--time-limit", "0"), "--time-limit"),
+    (("--plot", "p.png"), "give --target"),
+])
+def test_cli_retrofit_refuses_a_bad_search_before_fitting(args: tuple[str, ...], match: str, tmp_path: Path) -> None:
+    code, _, output = _cli("retrofit", STAGED, "--data", "digits", *args, "--out", tmp_path / "r.pt")
+    assert code == 2 and match in output and output.strip().startswith("error:"), output
+    assert len(output.strip().splitlines()) == 1 and not (tmp_path / "r.pt").exists()
+
+
+def test_cli_retrofit_target_needs_images_to_judge_on(tmp_path: Path) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(kshare.load_data("digits", "test").images[i, 0].numpy()).save(folder / f"{i}.png")
+    code, _, output = _cli("retrofit", STAGED, "--data", f"images:{folder}", "--target", "agree=0.9", "--out",
+                           tmp_path / "r.pt")
+    assert code == 2 and "too few" in output and output.strip().splitlines()[-1].startswith("error:"), output
+    assert not (tmp_path / "r.pt").exists()

@@ -180,6 +180,7 @@ def csv(text: str) -> tuple[str, ...]:
 
 # Help panels: every option of a command sits in the panel of what it is about.
 MODEL, PLAN, DATA, FIT, FINETUNE, OUTPUT, DEVICE = "Model", "Plan", "Data", "Fit", "Fine-tune", "Output", "Device"
+SEARCH = "Fidelity search"
 
 ModelArg = Annotated[
     str, typer.Argument(help="torchvision/timm name, kshare:NAME, module:factory or file.py:factory.",

@@ -199,13 +199,38 @@ def render_retrofit(report: RetrofitReport, console: Console) -> None:
 
 
 def costs_table(costs: Sequence[dict[str, Any]]) -> Table:
-    """What each group costs on the held-out images: the fidelity regained with it untied."""
-    table = Table(title="What each group costs (held-out images, that group alone untied)", title_justify="left")
-    for column in ("group", "params saved", "KL added", "top-1 agreement taken"):
+    """What tying each group alone costs on the held-out images, the worst bargain first (the
+    order a fidelity search leaves groups untied in)."""
+    table = Table(title="What tying each group alone costs (held-out images)", title_justify="left")
+    for column in ("group", "params saved", "KL added", "top-1 agreement taken", "KL per M saved"):
         table.add_column(column, justify="left" if column == "group" else "right")
-    for c in sorted(costs, key=lambda c: -float(c.get("kl") or 0.0)):
-        table.add_row(str(c.get("group")), f"{int(c.get('params_saved') or 0):,}", f"{float(c.get('kl') or 0):+.4f}",
-                      f"{float(c.get('top1') or 0):+.1%}")
+
+    def per_million(c: dict[str, Any]) -> float:
+        return float(c.get("kl") or 0.0) / max(int(c.get("params_saved") or 0) / 1e6, 1e-9)
+
+    for c in sorted(costs, key=lambda c: -per_million(c)):
+        table.add_row(str(c.get("group")), f"{int(c.get('params_saved') or 0):,}", f"{float(c.get('kl') or 0):.4f}",
+                      f"{float(c.get('top1') or 0):.1%}", f"{per_million(c):.3g}")
+    return table
+
+
+def search_table(record: dict[str, Any]) -> Table:
+    """A fidelity search's trials (`SearchReport.record()`), in the order run, the kept one marked."""
+    reached = "reached" if record.get("reached") else "not reached"
+    table = Table(title=f"Fidelity search for {record.get('target')} ({reached}; stopped: {record.get('stopped')})",
+                  title_justify="left")
+    for column in ("trial", "untied", "tied", "params", "fewer", "top-1", "KL", "est.", "meets", "s"):
+        table.add_column(column, justify="right")  # groups left untied and tied; the estimate that chose it
+    before = int(record.get("params_before") or 0)
+    for t in record.get("trials") or []:
+        fidelity = t.get("fidelity") or {}
+        params = int(t.get("params") or 0)
+        mark = " ←" if t.get("index") == record.get("chosen") else ""
+        table.add_row(f"{t.get('index')}{mark}", str(t.get("reverted")), str(t.get("groups")), f"{params:,}",
+                      f"{before / params:.2f}x" if params else "?", f"{float(fidelity.get('top1', 0)):.3f}",
+                      f"{float(fidelity.get('kl', 0)):.4f}",
+                      f"{t['estimate']:.4f}" if isinstance(t.get("estimate"), float) else "",
+                      "yes" if t.get("met") else "no", f"{float(t.get('seconds') or 0):.0f}")
     return table
 
 
@@ -255,6 +280,11 @@ def render_info(summary: dict[str, Any], console: Console) -> None:
                           f"{len(choice['kept'])} kept (chosen by measured KL)")
         if isinstance(retrofit.get("costs"), list) and retrofit["costs"]:
             console.print(costs_table([c for c in retrofit["costs"] if isinstance(c, dict)]))
+    search = summary.get("search")
+    if isinstance(search, dict) and isinstance(search.get("trials"), list) and search["trials"]:
+        console.print(search_table(search))
+        if isinstance(search.get("costs"), list) and search["costs"] and not (retrofit or {}).get("costs"):
+            console.print(costs_table([c for c in search["costs"] if isinstance(c, dict)]))
     recipe = summary.get("input")
     if recipe:
         console.print(f"fed as trained: input {','.join(map(str, recipe['input_size']))}, mean "

@@ -20,6 +20,7 @@ from kshare.cli.app import (
     FIT,
     OUTPUT,
     PLAN,
+    SEARCH,
     BatchNormOpt,
     CacheMemoryOpt,
     ChannelsLastOpt,
@@ -50,11 +51,11 @@ from kshare.cli.app import (
     with_feed_options,
 )
 from kshare.cli.plan_commands import PlanRequest, with_plan_options
-from kshare.cli.plots import plot_sweep
+from kshare.cli.plots import plot_search, plot_sweep
 from kshare.cli.progress import progress_bars
-from kshare.cli.report import render_retrofit
+from kshare.cli.report import costs_table, render_retrofit, search_table
 from kshare.data import Decoding, ImageData, adapter_for, decoding_for, load_data
-from kshare.errors import DataError, PlanError, PolicyError, StudyError, TrainingError, WeightsError
+from kshare.errors import DataError, PlanError, PolicyError, SearchError, StudyError, TrainingError, WeightsError
 from kshare.fit.batchnorm import batch_norms, recalibrate_bn
 from kshare.fit.config import FitConfig
 from kshare.io.checkpoint import load, read, restore, save
@@ -62,6 +63,7 @@ from kshare.kernels import INITS
 from kshare.models.zoo import load_model, parse_kwargs
 from kshare.retrofit import HELD_OUT, batchnorm_mode
 from kshare.retrofit import retrofit as run_retrofit
+from kshare.search import Target, search_plan
 from kshare.surgery.tie import plan_of
 from kshare.sweep import SweepConfig, aggregate, pareto, run_sweep
 from kshare.training.config import TrainConfig
@@ -387,15 +389,40 @@ def retrofit(
     limit_test: LimitOpt = None,
     device: DeviceOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the fit sample and the fine-tune.", rich_help_panel=FIT)] = 0,
+    target: Annotated[str | None, typer.Option(
+        help="A fidelity to reach instead of a fixed plan: agree=FRACTION (top-1 agreement with the untied model "
+             "on the held-out images, at least) or kl=NATS (at most). Searches, within --groups's plan, for the one "
+             "that stores the fewest parameters and meets it; exit code 3 when none does (the closest is written).",
+        rich_help_panel=SEARCH)] = None,
+    max_trials: Annotated[int, typer.Option(help="Retrofits a --target search runs at most.",
+                                            rich_help_panel=SEARCH)] = 8,
+    time_limit: Annotated[float | None, typer.Option(
+        help="Minutes a --target search may take; no trial is started that would likely end later.",
+        rich_help_panel=SEARCH)] = None,
+    plot: Annotated[Path | None, typer.Option(help="Plot of a --target search's trials (default: OUT with "
+                                                   ".search.png).", rich_help_panel=OUTPUT)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print each step's figures as JSON.",
                                           rich_help_panel=OUTPUT)] = False,
 ) -> None:
     """Tie a trained model and keep what it knows: plan, fit the shared kernels to the data's
     outputs, re-estimate BatchNorm, optionally reconstruct blocks and fine-tune. After every
     step: fidelity to the untied model on held-out images (no labels needed), and test accuracy
-    where the data has a labelled test split."""
+    where the data has a labelled test split. With --target, the plan is searched for: the
+    smallest that keeps the fidelity asked."""
     if epochs < 0:
         raise TrainingError(f"--epochs must be 0 or more, got {epochs}")
+    goal = None
+    if target is not None:
+        goal = Target.parse(target)  # checked before anything is built or fitted
+        if epochs:
+            raise SearchError("--target searches fitted plans without a fine-tune: drop --epochs (fine-tune the "
+                              "result with kshare finetune)")
+        if max_trials < 1:
+            raise SearchError(f"--max-trials must be at least 1, got {max_trials}")
+        if time_limit is not None and not time_limit > 0:
+            raise SearchError(f"--time-limit must be a number of minutes above 0, got {time_limit:g}")
+    elif plot is not None:
+        raise SearchError("--plot draws a --target search: give --target too")
     if feature_weight and not epochs:
         raise TrainingError("--feature-weight shapes the fine-tune: give --epochs too")
     # checked before the fit, so that a bad fine-tune option costs nothing
@@ -417,21 +444,46 @@ def retrofit(
     test_data = None
     if train_data.labelled:
         test_data = load_data(data, "test", data_root, size).subset(_limit(limit_test, "--limit-test"))
+    search = None
     with progress_bars() as progress:
-        report = run_retrofit(net, request.config(), train_data, fit=config, recalibrate=recal, finetune=train_config,
-                              test=test_data, held_out=held_out, image_size=image_size, input_size=request.input_size,
-                              device=device, out=out, progress=progress)
+        if goal is not None:
+            search = search_plan(net, goal, train_data, request.config(), fit=config, recalibrate=recal,
+                                 max_trials=max_trials, time_limit=time_limit * 60 if time_limit else None,
+                                 held_out=held_out, test=test_data, image_size=image_size,
+                                 input_size=request.input_size, device=device, progress=progress)
+            net, report = search.model, search.retrofit
+        else:
+            report = run_retrofit(net, request.config(), train_data, fit=config, recalibrate=recal,
+                                  finetune=train_config, test=test_data, held_out=held_out, image_size=image_size,
+                                  input_size=request.input_size, device=device, out=out, progress=progress)
     if train_config is None:
-        save(net.cpu(), out, spec=spec, extra={"retrofit": report.record()})
+        extra = {"retrofit": report.record()} | ({"search": search.record()} if search is not None else {})
+        save(net.cpu(), out, spec=spec, extra=extra)
+    picture = None
+    if search is not None:
+        try:
+            picture = plot_search(search.record(), plot or out.with_suffix(".search.png"),
+                                  f"{request.model}: fidelity search for {goal} on {train_data.name}")
+        except StudyError as e:
+            typer.echo(f"plot not drawn: {e}", err=True)
     plan = plan_of(net)
     if as_json:
         steps = [{"step": s.name, "test_acc": s.accuracy, "seconds": s.seconds,
                   "fidelity": dataclasses.asdict(s.fidelity) if s.fidelity else None} for s in report.steps]
         typer.echo(json.dumps({"steps": steps, "plan": plan.to_dict() if plan else None,
-                               "fit": dataclasses.asdict(report.fit) if report.fit else None, "out": str(out)}))
+                               "fit": dataclasses.asdict(report.fit) if report.fit else None, "out": str(out)}
+                              | ({"search": search.record(), "plot": str(picture) if picture else None}
+                                 if search is not None else {})))
     else:
         render_retrofit(report, Console())
-        typer.echo(f"wrote {out}")
+        if search is not None:
+            console = Console()
+            console.print(search_table(search.record()))
+            if search.costs and not report.costs:  # measured in trial 0; the plan kept is another
+                console.print(costs_table([dataclasses.asdict(c) for c in search.costs]))
+        typer.echo(f"wrote {out}" + (f" and {picture}" if picture else ""))
+    if search is not None and not search.reached:
+        raise typer.Exit(3)  # the closest plan is written; the target was not reached
 
 
 def _limit(value: int | None, flag: str) -> int | None:

@@ -113,14 +113,25 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "input": recipe.to_dict() if recipe else None,
         "training": _training_summary(payload.get("extra", {})),
         "retrofit": _retrofit_summary(payload.get("extra", {})),
+        "search": _search_summary(payload.get("extra", {})),
     }
 
 
 def _retrofit_summary(extra: Mapping[str, Any]) -> dict[str, Any] | None:
     """The plain part of a retrofit's record (`RetrofitReport.record`): its data, each step's
-    figures, the BatchNorm choice, each group's cost, a fidelity search's trials."""
-    record = extra.get("retrofit")
-    if not isinstance(record, Mapping) or not isinstance(record.get("steps"), list):
+    figures, the BatchNorm choice, each group's cost."""
+    return _plain_record(extra, "retrofit", "steps")
+
+
+def _search_summary(extra: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The plain part of a fidelity search's record (`SearchReport.record`): target, trials, choice."""
+    return _plain_record(extra, "search", "trials")
+
+
+def _plain_record(extra: Mapping[str, Any], key: str, rows: str) -> dict[str, Any] | None:
+    """`extra[key]` in plain values, if it is a record with a list of `rows`."""
+    record = extra.get(key)
+    if not isinstance(record, Mapping) or not isinstance(record.get(rows), list):
         return None
     found = _plain(record)
     assert isinstance(found, dict)
