@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,14 @@ from torch import nn
 from kshare.analysis.inspect import inspect_model
 from kshare.data import ImageData, ImageSource, adapter_for, as_image_data, decoding_for
 from kshare.errors import DataError, PlanError, TrainingError, param
-from kshare.fit.batchnorm import BatchNormChoice, batch_norms, choose_batchnorm, recalibrate_on
+from kshare.fit.batchnorm import (
+    BatchNormChoice,
+    StatisticsCheck,
+    batch_norms,
+    choose_batchnorm,
+    choose_statistics,
+    recalibrate_on,
+)
 from kshare.fit.blocks import UnitReconstruction
 from kshare.fit.config import FitConfig
 from kshare.fit.fidelity import Fidelity, GroupCost, group_costs, measure_fidelity
@@ -54,7 +61,7 @@ log = logging.getLogger(__name__)
 HELD_OUT = 256  # images of `data` kept from every step, where fidelity is measured
 
 
-BATCHNORM_CHOICES = ("measure", "all")
+BATCHNORM_CHOICES = ("auto", "measure", "all")
 JUDGE_IMAGES = 256  # fit images the BatchNorm choice is judged on
 
 
@@ -65,12 +72,16 @@ class RecalibrateConfig:
     batches of `batch_size`. `choose`: `measure` re-estimates a block's layers only where that
     brings the model closer to the untied one on the fit images (`choose_batchnorm`: a
     pretrained network keeps the statistics it learned where photos would move them); `all`
-    re-estimates every layer."""
+    re-estimates every layer; `auto` (before a fit) first checks whether the untied model's
+    statistics describe the fit images (`choose_statistics`) and then fits and re-estimates as
+    `all` does where they do, as `measure` does (the fit under the model's statistics, unshared
+    layers as trained) where they do not. It sets the fit's `track_batchnorm` and `compensate`;
+    after a weight-space init the check reads the recalibration's images."""
 
     images: int | None = None
     batch_size: int = 256
     seed: int | None = None
-    choose: str = "measure"
+    choose: str = "auto"
 
     def __post_init__(self) -> None:
         if self.choose not in BATCHNORM_CHOICES:
@@ -115,6 +126,7 @@ class RetrofitReport:
     data: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     batchnorm: BatchNormChoice | None = None  # which layers were re-estimated, where that was measured
+    statistics: StatisticsCheck | None = None  # whether the model's statistics describe the images (`auto`)
     costs: tuple[GroupCost, ...] = ()  # what each group costs in fidelity on the held-out images
 
     @property
@@ -137,6 +149,9 @@ class RetrofitReport:
                 "batchnorm": {k: list(v) if isinstance(v, tuple) else v for k, v in
                               dataclasses.asdict(self.batchnorm).items()} if self.batchnorm else None,
                 "costs": [dataclasses.asdict(c) for c in self.costs],
+                "statistics": {"describes": self.statistics.describes, "top1": self.statistics.fidelity.top1,
+                               "kl": self.statistics.fidelity.kl, "images": self.statistics.fidelity.images}
+                if self.statistics else None,
                 "steps": [{"name": s.name, "seconds": s.seconds, "accuracy": s.accuracy,
                            "fidelity": dataclasses.asdict(s.fidelity) if s.fidelity else None} for s in self.steps]}
 
@@ -235,9 +250,20 @@ def retrofit(
     report = None
     batches: list[torch.Tensor] = []
     began = time.perf_counter()
+    statistics = None
+    if recal is not None and recal.choose == "auto":  # how to treat BatchNorm: by what its statistics describe
+        if fit is not None and batch_norms(model):
+            assert images is not None and adapter is not None
+            batches = fit_batches(images, fit_n, fit.batch_size, adapter, dev, fit.seed)
+            statistics = choose_statistics(original, batches, _first(batches, JUDGE_IMAGES))
+            log.info(statistics.line())
+            describes = statistics.describes
+            fit = dataclasses.replace(fit, track_batchnorm=fit.track_batchnorm and describes,
+                                      compensate=fit.compensate and describes)
+            recal = dataclasses.replace(recal, choose="all" if describes else "measure")
     if fit is not None:
         assert images is not None and adapter is not None
-        batches = fit_batches(images, fit_n, fit.batch_size, adapter, dev, fit.seed)
+        batches = batches or fit_batches(images, fit_n, fit.batch_size, adapter, dev, fit.seed)
         report = fit_kernels(model, plan, batches, fit, progress)
         measure(f"fitted ({fit.mode})", report.seconds)
     else:
@@ -256,14 +282,12 @@ def retrofit(
                 or seed != fit.seed:  # else: the fit's own batches
             count = min(recal.images or fit_n, len(images.labels))
             batches = fit_batches(images, count, recal.batch_size, adapter, dev, seed)
+        if recal.choose == "auto":  # after a weight-space init: checked on the recalibration's images
+            statistics = choose_statistics(original, batches, _first(batches, JUDGE_IMAGES))
+            log.info(statistics.line())
+            recal = dataclasses.replace(recal, choose="all" if statistics.describes else "measure")
         if recal.choose == "measure":
-            judge, count = [], 0
-            for x in batches:  # the first JUDGE_IMAGES fit images: the held-out ones stay unread
-                judge.append(x[: JUDGE_IMAGES - count])
-                count += len(judge[-1])
-                if count >= JUDGE_IMAGES:
-                    break
-            choice = choose_batchnorm(model, original, batches, judge)
+            choice = choose_batchnorm(model, original, batches, _first(batches, JUDGE_IMAGES))
             recalibrated = len(choice.reestimated)
             log.info(choice.line())
         else:
@@ -299,7 +323,7 @@ def retrofit(
                                                                                              else ""))
     return RetrofitReport(tied, tuple(steps), report, recalibrated, units, history, fit_n if fit else 0,
                           sum(len(b) for b in probe), time.perf_counter() - start, images.name if images else "",
-                          batchnorm=choice, costs=costs)
+                          batchnorm=choice, costs=costs, statistics=statistics)
 
 
 def fit_and_tie(model: nn.Module, plan: SharingPlan, data: ImageSource, config: FitConfig = FitConfig(), *,
@@ -315,6 +339,8 @@ def fit_and_tie(model: nn.Module, plan: SharingPlan, data: ImageSource, config: 
 
 def batchnorm_mode(mode: str, fit: FitConfig | None) -> tuple[FitConfig | None, RecalibrateConfig | bool]:
     """`fit` and the recalibration for a BatchNorm `mode`:
+    - `auto`: `all` or `measure`, by whether the untied model's statistics describe the fit images
+      (`RecalibrateConfig(choose="auto")`, decided in the retrofit);
     - `all`: the fit expects every statistic re-estimated after it (`FitConfig.track_batchnorm`), and they are;
     - `measure`: the fit reproduces the raw outputs under the model's statistics (unshared layers keep
       their weights: `FitConfig.compensate` off), then a block's are
@@ -323,14 +349,25 @@ def batchnorm_mode(mode: str, fit: FitConfig | None) -> tuple[FitConfig | None, 
     if mode not in (*BATCHNORM_CHOICES, "keep"):
         raise TrainingError(f"{param('batchnorm')} must be one of {', '.join(BATCHNORM_CHOICES)} or keep, "
                             f"got {mode!r}")
-    if mode == "all":
-        return fit, RecalibrateConfig(batch_size=fit.batch_size if fit is not None else 256, choose="all")
+    if mode in ("auto", "all"):
+        return fit, RecalibrateConfig(batch_size=fit.batch_size if fit is not None else 256, choose=mode)
     # refitting unshared layers under kept statistics moved a pretrained Lite0 away from the original (held-out
-    # KL 5.9 against 2.2 without, benchmarks/pretrained_fidelity.py): the fit leaves them as trained
+    # KL 5.82 against 2.18 without, benchmarks/pretrained_fidelity.py): the fit leaves them as trained
     untracked = dataclasses.replace(fit, track_batchnorm=False, compensate=False) if fit is not None else None
     if mode == "keep":
         return (dataclasses.replace(untracked, recalibrate=False) if untracked is not None else None), False
     return untracked, RecalibrateConfig(batch_size=fit.batch_size if fit is not None else 256, choose="measure")
+
+
+def _first(batches: Sequence[torch.Tensor], n: int) -> list[torch.Tensor]:
+    """The first `n` images of `batches` (fit images judge BatchNorm: the held-out ones stay unread)."""
+    taken, count = [], 0
+    for x in batches:
+        taken.append(x[: n - count])
+        count += len(taken[-1])
+        if count >= n:
+            break
+    return taken
 
 
 def _recalibration(recalibrate: RecalibrateConfig | bool | None, fit: FitConfig | None) -> RecalibrateConfig | None:

@@ -224,7 +224,8 @@ def run_sweep(model: nn.Module, train: ImageData, test: ImageData, config: Sweep
                 train_config = None if loss is None else TrainConfig(
                     epochs=config.epochs, lr=config.lr, batch_size=config.batch_size, distill=loss == "kd", seed=seed,
                     image_size=config.image_size)
-                recal = RecalibrateConfig(config.calibrate, config.batch_size) if config.calibrate else False
+                recal = (RecalibrateConfig(config.calibrate, config.batch_size, choose="all") if config.calibrate
+                         else False)  # every statistic: the mean init left them all stale
                 report = retrofit(tied, plan, train, fit=None, init=config.init, relax=relax, recalibrate=recal,
                                   finetune=train_config, test=test, held_out=0, image_size=config.image_size,
                                   out=Path(tmp) / f"p{index}.pt", measure_untied=False, progress=progress)

@@ -69,3 +69,23 @@ def test_bad_batchnorm_modes_are_refused() -> None:
         batchnorm_mode("sometimes", FitConfig())
     with pytest.raises(kshare.KShareError, match="choose"):
         RecalibrateConfig(choose="sometimes")
+
+
+def test_auto_fits_as_all_where_the_statistics_describe_the_images_and_as_measure_where_not(
+        trained: nn.Module, digits) -> None:
+    """`auto` (the default) checks whether re-estimating the untied model's statistics on the fit
+    images keeps it close to itself, then retrofits exactly as `all` (they describe these images)
+    or as `measure` (they were learned on others) would."""
+    train, _ = digits
+    for data, expected in ((train, "all"), (_shifted(digits), "measure")):
+        runs = {}
+        for mode in ("auto", expected):
+            fit, recal = batchnorm_mode(mode, FitConfig(images=256))
+            runs[mode] = kshare.retrofit(copy.deepcopy(trained), "all", data, fit=fit, recalibrate=recal,
+                                         held_out=256, input_size=(1, 8, 8))
+        check = runs["auto"].statistics
+        assert check is not None and check.describes == (expected == "all"), check
+        assert (check.fidelity.top1 >= 0.9) == check.describes and "top-1 agreement with itself" in check.line()
+        assert runs["auto"].final.fidelity.kl == runs[expected].final.fidelity.kl  # the same retrofit
+        assert runs["auto"].record()["statistics"]["describes"] == check.describes
+        assert (runs["auto"].batchnorm is not None) == (expected == "measure")

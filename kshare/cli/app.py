@@ -236,10 +236,13 @@ CacheMemoryOpt = Annotated[float, typer.Option(
     help="GiB the sequential fit's activation caches may take in memory: float32 within it, else float16, "
          "else float16 memory-mapped on disk (0: always on disk).", min=0.0, rich_help_panel=FIT)]
 BatchNormOpt = Annotated[str, typer.Option(
-    help="After the fit: measure (re-estimate a block's BatchNorm statistics only where that brings the model "
-         "closer to the untied one on the fit images), all (re-estimate every layer), keep (keep the statistics "
-         "the model has, in the sequential fit too: a pretrained network's).", rich_help_panel=FIT)]
-BATCHNORM_MODES = ("measure", "all", "keep")
+    help="auto: all where re-estimating the untied model's statistics on the fit images leaves it at least 90% "
+         "top-1 agreement with itself (they describe these images), else measure. measure: the fit works under "
+         "the model's statistics, unshared layers keep their weights, then a block's statistics are re-estimated "
+         "only where that brings the model closer to the untied one on the fit images. all: the fit re-estimates "
+         "them as it goes, refits unshared layers, and every layer is re-estimated. keep: as measure, nothing "
+         "re-estimated.", rich_help_panel=FIT)]
+BATCHNORM_MODES = ("auto", "measure", "all", "keep")
 HeldOutOpt = Annotated[int, typer.Option(help="Images of --data no step reads, where fidelity to the untied model "
                                               "is measured (fewer when the data is small; 0: none).",
                                          rich_help_panel=DATA)]

@@ -192,7 +192,7 @@ def apply(
     reconstruct_images: ReconstructImagesOpt = None,
     fit_cache: FitCacheOpt = True,
     cache_memory: CacheMemoryOpt = 4.0,
-    batchnorm: BatchNormOpt = "measure",
+    batchnorm: BatchNormOpt = "auto",
     device: DeviceOpt = None,
 ) -> None:
     """Tie the sharing groups of a model and save it: each shared kernel is stored once.

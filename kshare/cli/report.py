@@ -274,6 +274,12 @@ def render_info(summary: dict[str, Any], console: Console) -> None:
         if isinstance(last.get("accuracy"), float):
             line += f", test acc {last['accuracy']:.4f}"
         console.print(line)
+        check = retrofit.get("statistics")
+        if isinstance(check, dict) and isinstance(check.get("top1"), float):
+            console.print(f"BatchNorm statistics re-estimated on {check.get('images')} fit images kept "
+                          f"{check['top1']:.1%} top-1 agreement of the untied model with itself: "
+                          + ("they describe the images (fitted as --batchnorm all)" if check.get("describes") else
+                             "learned on other images (fitted as --batchnorm measure)"))
         choice = retrofit.get("batchnorm")
         if isinstance(choice, dict) and isinstance(choice.get("kept"), list):
             console.print(f"BatchNorm: {len(choice.get('reestimated') or [])} layer(s) re-estimated, "

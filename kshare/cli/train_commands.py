@@ -376,7 +376,7 @@ def retrofit(
     reconstruct_images: ReconstructImagesOpt = None,
     fit_cache: FitCacheOpt = True,
     cache_memory: CacheMemoryOpt = 4.0,
-    batchnorm: BatchNormOpt = "measure",
+    batchnorm: BatchNormOpt = "auto",
     epochs: Annotated[int, typer.Option(help="Fine-tune epochs after the fit (0: none; needs labelled data).",
                                         rich_help_panel=FINETUNE)] = 0,
     distill: Annotated[bool, typer.Option(help="Distil the fine-tune from the untied model.",
