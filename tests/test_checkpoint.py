@@ -134,12 +134,47 @@ def test_onnx_export_of_trained_models_stores_each_kernel_once(tmp_path: Path, n
         kernel = kshare.kernels.shared_kernel(modules[group.members[0]]).detach().numpy()
         copies = sum(a.shape == kernel.shape and np.array_equal(a, kernel) for a in initializers)
         assert copies == 1, (group.name, copies)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()  # the default optimisation level; only where ORT writes what it made of the file
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3  # ORT's warning per shared kernel that it stays an overridable initializer
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input"]  # the shared kernels need not be fed
     x = torch.randn(3, *size)  # batch 3: the batch axis is dynamic
     (got,) = session.run(None, {"input": x.numpy()})
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), model(x), rtol=1e-4, atol=1e-4)
+    if policy:  # the session keeps one copy of each shared kernel: no BatchNorm folded into a copy per conv
+        optimized = onnx.load(str(tmp_path / "optimized.onnx")).graph.initializer
+        held = sum(numpy_helper.to_array(t).nbytes for t in optimized)
+        assert held <= 1.05 * state_bytes(model.state_dict()) + 2**16, (held, state_bytes(model.state_dict()))
+        for group in kshare.plan_of(model).groups:
+            shape = tuple(modules[group.members[0]].weight.shape)
+            assert sum(tuple(t.dims) == shape for t in optimized) <= 1 + sum(
+                tuple(p.shape) == shape for n, p in model.named_parameters() if not any(
+                    n.startswith(m + ".") for m in group.members)), group.name
+
+
+def test_onnx_export_without_keep_shared_is_what_ort_copies(tmp_path: Path) -> None:
+    """The trap `keep_shared` avoids, measured: plain initializers, and a default session folds
+    each conv's BatchNorm into a copy of the shared kernel."""
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    model = kshare.tie(trained_bn(load_model("resnet18")[0]), "all", init="mean", input_size=(3, 64, 64))
+    held = {}
+    for keep in (True, False):
+        path = kshare.export_onnx(model, tmp_path / f"{keep}.onnx", input_size=(3, 64, 64), keep_shared=keep)
+        assert len(onnx.load(str(path)).graph.input) == (1 + len(kshare.plan_of(model).groups) if keep else 1)
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"{keep}.optimized.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        held[keep] = sum(numpy_helper.to_array(t).nbytes
+                         for t in onnx.load(options.optimized_model_filepath).graph.initializer)
+    assert held[False] > 1.3 * held[True], held
 
 
 def test_safetensors_loads_back_tied(tmp_path: Path) -> None:

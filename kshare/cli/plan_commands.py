@@ -277,6 +277,10 @@ def export(
     safetensors: Annotated[Path | None, typer.Option(help="Write safetensors here (shared tensors once).")] = None,
     input_size: InputSizeOpt = None,
     opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 17,
+    keep_shared: Annotated[bool, typer.Option(
+        help="List shared kernels among the ONNX graph's inputs (with their stored values), so ONNX Runtime's "
+             "default session keeps one copy of each; off: plain initializers (ORT then folds a copy per conv).")
+    ] = True,
     model: Annotated[
         str | None, typer.Option(help="Architecture to load into, for checkpoints of models kshare cannot rebuild.")
     ] = None,
@@ -297,8 +301,11 @@ def export(
     if onnx is not None:
         try:
             with Console(stderr=True).status("exporting ONNX…"):
-                export_onnx(net, onnx, input_size=input_size, opset=opset)
-            console.print(f"wrote {onnx} ({size_text(onnx.stat().st_size)})")
+                export_onnx(net, onnx, input_size=input_size, opset=opset, keep_shared=keep_shared)
+            shared = plan_of(net) is not None
+            console.print(f"wrote {onnx} ({size_text(onnx.stat().st_size)})"
+                          + ("; shared kernels are graph inputs with stored values: ONNX Runtime keeps one copy of "
+                             "each (and warns that it will not fold them)" if shared and keep_shared else ""))
         except KShareError as exc:
             failed.append(str(exc))
     if failed:

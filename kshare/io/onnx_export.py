@@ -5,13 +5,26 @@ parameter object, so a tied kernel is one initializer used by many Conv nodes. T
 `torch.export`-based exporter has open problems with tied parameters, so kshare does not
 use it. `export_onnx` checks the result: the file must not be much larger than the model's
 unique tensors.
+
+A small file is not yet a small session. ONNX Runtime's default optimisations fold each
+Conv's BatchNorm into its weight and reorder weights into blocked layouts, one copy per Conv
+node: a kernel shared by eight convs becomes eight tensors in memory, and a tied resnet50 took
+more session memory than the untied one. ORT folds and reorders only *constant* initializers;
+an initializer that is also a graph input may be overridden at run time, so ORT leaves it as it
+is. The export therefore lists every shared kernel (an initializer of rank 3 or more that more
+than one node reads, and a relaxed member's factors) among the graph inputs, with the stored value as its default: sessions
+need no settings, callers feed only `input`, and the saving survives the default session
+(`benchmarks/onnx_memory.py`). ORT logs a warning per such kernel that it will not be treated
+as constant: that is the point.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +41,33 @@ ONNX_SLACK = 1.05
 OPSETS = (11, 20)  # the TorchScript exporter's range, from the first opset with every op kshare's models use
 
 
+def shared_kernels(graph: Any) -> list[str]:
+    """The initializers of `graph` (an ONNX GraphProto) that make shared kernels: those of rank 3
+    or more (conv kernels; not BatchNorm's vectors) read by more than one node, and a relaxed
+    member's own parameters (its scales and low-rank factors, under `parametrizations`), which a
+    runtime would otherwise multiply out into a full-size delta per member."""
+    readers = Counter(name for node in graph.node for name in node.input)
+    return [t.name for t in graph.initializer
+            if (len(t.dims) >= 3 and readers[t.name] > 1) or ".parametrizations." in t.name]
+
+
+def keep_shared_in_sessions(path: Path) -> int:
+    """List the shared kernels of the ONNX file at `path` among its graph inputs (overridable
+    initializers: see the module), so runtimes cannot fold a copy per node; how many."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    inputs = {i.name for i in proto.graph.input}
+    initializers = {t.name: t for t in proto.graph.initializer}
+    names = [n for n in shared_kernels(proto.graph) if n not in inputs]
+    for name in names:
+        t = initializers[name]
+        proto.graph.input.append(onnx.helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+    if names:
+        onnx.save(proto, str(path))
+    return len(names)
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0][:200]
 
@@ -37,8 +77,12 @@ def export_onnx(
     path: str | Path,
     input_size: Sequence[int] | str | None = None,
     opset: int = 17,
+    keep_shared: bool = True,
 ) -> Path:
     """Write `model` (eval mode, batch dimension dynamic) as ONNX with shared initializers.
+    `keep_shared`: list the shared kernels among the graph inputs, so that ONNX Runtime's
+    default session keeps one copy of each (see the module; False: plain initializers, for a
+    runtime that wants none among the inputs, and whose optimiser may then copy them).
 
     A relaxed model keeps its structure in the graph (shared kernel, per-member scale and
     low-rank factors, a Mul/MatMul/Add per member), so the file stays as small as the checkpoint.
@@ -70,6 +114,8 @@ def export_onnx(
                     input_names=["input"], output_names=["output"],
                     dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
                 )
+            if keep_shared:
+                keep_shared_in_sessions(tmp)
             onnx.checker.check_model(str(tmp))
         except ImportError as exc:
             raise ExportError(f"ONNX export needs the onnx package ({exc.name}): pip install 'kshare[export]'") \

@@ -1,0 +1,110 @@
+"""What a tied model costs once deployed: ONNX Runtime session memory and latency, tied against
+untied, measured side by side in one run.
+
+    python benchmarks/onnx_memory.py [--models resnet50:all,resnet50:stage,mobilenet_v3_large:stage]
+                                     [--runs 20] [--size 224]
+
+Each model gets BatchNorm statistics like a trained network's (random init has none to fold,
+and hid this), is exported with `kshare.export_onnx` untied, tied, and tied without
+`keep_shared`, and each file is opened in a fresh process: a *default* session (ORT_ENABLE_ALL,
+one intra-op thread), one warm-up run, then the median latency of `--runs` runs of one image.
+Memory: resident memory the process gained from creating the session and running it once.
+The ratio that matters: tied session memory against the untied session's scaled by the
+tied/untied unique-byte ratio (1.00: the saving survives the session), and tied latency
+against untied. Prints a Markdown table (docs/benchmarks.md keeps the last one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import kshare
+from kshare.io.payload import state_bytes
+from kshare.models.zoo import load_model
+
+PROBE = r"""
+import json, statistics, sys, time
+import numpy as np, onnxruntime as ort
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+path, size, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+options = ort.SessionOptions()
+options.intra_op_num_threads = 1
+options.log_severity_level = 3
+x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
+before = resident()
+session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+session.run(None, {"input": x})
+memory = resident() - before
+times = []
+for _ in range(runs):
+    start = time.perf_counter()
+    session.run(None, {"input": x})
+    times.append(time.perf_counter() - start)
+print(json.dumps({"memory": memory, "latency": statistics.median(times)}))
+"""
+
+
+def trained_like(model: torch.nn.Module) -> torch.nn.Module:
+    """BatchNorm statistics and affine terms as a trained network has them (seeded)."""
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
+    return model.eval()
+
+
+def probe(path: Path, size: int, runs: int) -> dict[str, float]:
+    """Session memory and median latency of the ONNX file at `path`, in a fresh process."""
+    done = subprocess.run([sys.executable, "-c", PROBE, str(path), str(size), str(runs)], capture_output=True,
+                          text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet50:all,resnet50:stage,mobilenet_v3_large:stage")
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--size", type=int, default=224)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for item in args.models.split(","):
+            name, policy = item.split(":")
+            torch.manual_seed(0)
+            untied = trained_like(load_model(name, {}, None)[0])
+            tied = kshare.tie(copy.deepcopy(untied), policy, init="mean")
+            unique = state_bytes(tied.state_dict()) / state_bytes(untied.state_dict())
+            files = {"untied": kshare.export_onnx(untied, Path(tmp) / f"{name}.onnx"),
+                     "tied": kshare.export_onnx(tied, Path(tmp) / f"{name}.{policy}.onnx"),
+                     "tied, plain initializers": kshare.export_onnx(tied, Path(tmp) / f"{name}.{policy}.plain.onnx",
+                                                                    keep_shared=False)}
+            found = {k: probe(p, args.size, args.runs) for k, p in files.items()}
+            base = found["untied"]
+            for kind, path in files.items():
+                f = found[kind]
+                rows.append((f"{name} `{policy}`" if kind != "untied" else name, kind, path.stat().st_size,
+                             f["memory"], f["memory"] / (base["memory"] * (unique if kind != "untied" else 1.0)),
+                             f["latency"], f["latency"] / base["latency"]))
+                print(f"{name} {policy} {kind}: file {path.stat().st_size / 2**20:.1f} MiB, session "
+                      f"+{f['memory'] / 2**20:.1f} MiB, {f['latency'] * 1e3:.1f} ms", flush=True)
+    print("\n| model | file | file MiB | session MiB | session / (untied x unique ratio) | ms per image | "
+          "latency / untied |\n| --- | --- | --- | --- | --- | --- | --- |")
+    for model, kind, size, memory, ratio, latency, slower in rows:
+        print(f"| {model} | {kind} | {size / 2**20:.1f} | {memory / 2**20:.1f} | {ratio:.2f} | {latency * 1e3:.1f} | "
+              f"{slower:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
