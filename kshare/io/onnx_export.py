@@ -12,8 +12,9 @@ node: a kernel shared by eight convs becomes eight tensors in memory, and a tied
 more session memory than the untied one. ORT folds and reorders only *constant* initializers;
 an initializer that is also a graph input may be overridden at run time, so ORT leaves it as it
 is. The export therefore lists every shared kernel (an initializer of rank 3 or more that more
-than one node reads, and a relaxed member's factors) among the graph inputs, with the stored value as its default: sessions
-need no settings, callers feed only `input`, and the saving survives the default session
+than one node reads, and a relaxed member's factors) among the graph inputs, with the stored
+value as its default: sessions need no settings, callers feed only `input`, and the saving
+survives the default session
 (`benchmarks/onnx_memory.py`). ORT logs a warning per such kernel that it will not be treated
 as constant: that is the point.
 """
