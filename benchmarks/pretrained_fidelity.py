@@ -27,7 +27,6 @@ import random
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from kshare.data import adapter_for, decoding_for, load_data
 from kshare.fit.batchnorm import recalibrate_bn
 from kshare.fit.fidelity import Fidelity, measure_fidelity
 from kshare.models.zoo import load_model
+from kshare.quantize import OnnxSession, export_int8
 from kshare.retrofit import RecalibrateConfig, batchnorm_mode, retrofit
 from kshare.search import search_plan
 
@@ -101,42 +101,15 @@ def held_batches(model: torch.nn.Module, held: Path, size: int) -> list[torch.Te
 
 def int8_fidelity(model: torch.nn.Module, fit: Path, held: list[torch.Tensor], size: int,
                   calibration: int) -> tuple[Fidelity, float]:
-    """ONNX Runtime static int8 (QDQ, per-channel weights) of the untied model, calibrated on
-    `calibration` fit crops; its fidelity on the held-out batches, and the seconds it took."""
-    import numpy as np
-    import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    ort.set_default_logger_severity(3)
-    logging.getLogger().setLevel(logging.ERROR)  # the quantiser's advice to pre-process, on the root logger
+    """int8 of the untied model (`kshare.quantize.export_int8`: ORT static, QDQ, per-channel
+    weights), calibrated on `calibration` fit crops; its fidelity on the held-out batches, and
+    the seconds it took."""
     start = time.perf_counter()
-    data = load_data(f"images:{fit}", "train", image_size=decoding_for(model, size)).subset(calibration)
-    adapter = adapter_for(model, data)
+    data = load_data(f"images:{fit}", "train", image_size=decoding_for(model, size))
     with tempfile.TemporaryDirectory() as tmp:
-        fp32, int8 = Path(tmp) / "m.onnx", Path(tmp) / "m.int8.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the legacy exporter's deprecation: it keeps BatchNorm as trained
-            torch.onnx.export(model, (held[0][:1],), fp32, input_names=["x"], output_names=["y"],
-                              dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False, opset_version=17)
-
-        class Reader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self.items = iter([{"x": adapter(data.images[i:i + 16]).numpy()}
-                                   for i in range(0, len(data.labels), 16)])
-
-            def get_next(self) -> dict[str, np.ndarray] | None:
-                return next(self.items, None)
-
-        quantize_static(str(fp32), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        weight_type=QuantType.QInt8, activation_type=QuantType.QInt8)
-        session = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
-
-        class Int8(torch.nn.Module):
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
-
-        found = measure_fidelity(Int8(), model, held)
-    return found, time.perf_counter() - start
+        found = export_int8(model, Path(tmp) / "m.int8.onnx", data, images=calibration, held_out=0)
+        fidelity = measure_fidelity(OnnxSession(found.path), model, held)
+    return fidelity, time.perf_counter() - start
 
 
 def stored(model: torch.nn.Module) -> int:

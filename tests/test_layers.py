@@ -22,7 +22,7 @@ LAYERS = (
     ("data", ("kshare.data",)),
     ("fit", ("kshare.fit",)),
     ("training", ("kshare.training",)),
-    ("api", ("kshare.retrofit", "kshare.search", "kshare.api", "kshare.sweep")),
+    ("api", ("kshare.retrofit", "kshare.search", "kshare.quantize", "kshare.api", "kshare.sweep")),
     ("cli", ("kshare.cli",)),
 )
 # The surgery layer reads plans; it must not reach the planners.

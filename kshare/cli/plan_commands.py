@@ -65,6 +65,7 @@ from kshare.models.zoo import catalog, default_input_size, load_model, parse_kwa
 from kshare.planning.config import POLICY_HELP, BudgetConfig, SharingConfig, parse_config
 from kshare.planning.plan import SharingPlan
 from kshare.planning.relaxation import RELAX_HELP
+from kshare.quantize import export_int8
 from kshare.retrofit import HELD_OUT, batchnorm_mode, retrofit
 from kshare.surgery.fold import fold
 from kshare.surgery.tie import plan_of
@@ -281,6 +282,15 @@ def export(
         help="List shared kernels among the ONNX graph's inputs (with their stored values), so ONNX Runtime's "
              "default session keeps one copy of each; off: plain initializers (ORT then folds a copy per conv).")
     ] = True,
+    int8: Annotated[bool, typer.Option(
+        "--int8", help="Write the ONNX file as int8 (static, QDQ, per-channel weights), calibrated on --data's images "
+                       "(no labels needed): one int8 tensor per shared kernel, checked; fidelity to the fp32 model on "
+                       "held-out images printed.")] = False,
+    data: Annotated[str | None, typer.Option(help="Calibration images for --int8 (images:PATH, a dataset name).")
+                    ] = None,
+    data_root: DataRootOpt = None,
+    calib_images: Annotated[int, typer.Option(help="Images --int8 calibrates on.")] = 256,
+    held_out: Annotated[int, typer.Option(help="Further images --int8's fidelity is measured on (0: none).")] = 256,
     model: Annotated[
         str | None, typer.Option(help="Architecture to load into, for checkpoints of models kshare cannot rebuild.")
     ] = None,
@@ -289,6 +299,11 @@ def export(
     """Export a checkpoint to ONNX and/or safetensors, keeping shared tensors shared."""
     if onnx is None and safetensors is None:
         raise ExportError("nothing to export: pass --onnx FILE and/or --safetensors FILE")
+    if int8 and (onnx is None or data is None):
+        raise ExportError("--int8 writes the --onnx file, calibrated on --data's images: give --onnx FILE and "
+                          "--data images:PATH")
+    if data is not None and not int8:
+        raise ExportError("--data calibrates an --int8 export: give --int8 too")
     net = load(checkpoint, load_model(model)[0] if model else None, trust_code=trust_code)
     console = Console()
     failed = []  # each file on its own: one that cannot be written does not stop the other
@@ -298,7 +313,14 @@ def export(
             console.print(f"wrote {safetensors} ({size_text(safetensors.stat().st_size)})")
         except KShareError as exc:
             failed.append(str(exc))
-    if onnx is not None:
+    if onnx is not None and int8:
+        assert data is not None
+        calibration = load_data(data, "train", data_root, decoding_for(net, None))
+        with Console(stderr=True).status("quantising to int8…"):
+            found = export_int8(net, onnx, calibration, images=calib_images, held_out=held_out,
+                                input_size=input_size)
+        console.print(found.line())
+    elif onnx is not None:
         try:
             with Console(stderr=True).status("exporting ONNX…"):
                 export_onnx(net, onnx, input_size=input_size, opset=opset, keep_shared=keep_shared)
