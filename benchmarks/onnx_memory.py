@@ -11,7 +11,9 @@ one intra-op thread), one warm-up run, then the median latency of `--runs` runs 
 Memory: resident memory the process gained from creating the session and running it once.
 The ratio that matters: tied session memory against the untied session's scaled by the
 tied/untied unique-byte ratio (1.00: the saving survives the session), and tied latency
-against untied. Prints a Markdown table (docs/benchmarks.md keeps the last one).
+against untied. And the int8 files (`kshare.quantize.export_int8`, calibrated on 32 random
+pictures: sizes only) of both, against the untied fp32 file. Prints Markdown tables
+(docs/benchmarks.md keeps the last ones).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 import kshare
 from kshare.io.payload import state_bytes
 from kshare.models.zoo import load_model
+from kshare.quantize import export_int8
 
 PROBE = r"""
 import json, statistics, sys, time
@@ -78,7 +81,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--size", type=int, default=224)
     args = parser.parse_args()
-    rows = []
+    rows, sizes = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for item in args.models.split(","):
             name, policy = item.split(":")
@@ -90,6 +93,13 @@ def main() -> None:
                      "tied": kshare.export_onnx(tied, Path(tmp) / f"{name}.{policy}.onnx"),
                      "tied, plain initializers": kshare.export_onnx(tied, Path(tmp) / f"{name}.{policy}.plain.onnx",
                                                                     keep_shared=False)}
+            pictures = (torch.rand(48, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+                        * 255).to(torch.uint8)  # calibration for file sizes only: no fidelity is claimed
+            for kind, model in (("untied", untied), ("tied", tied)):
+                found8 = export_int8(model, Path(tmp) / f"{name}.{policy}.{kind}.int8.onnx", pictures, images=32,
+                                     held_out=0)
+                sizes.append((f"{name} `{policy}`" if kind == "tied" else name, kind, found8.file_bytes,
+                              found8.file_bytes / files["untied"].stat().st_size, found8.shared_int8))
             found = {k: probe(p, args.size, args.runs) for k, p in files.items()}
             base = found["untied"]
             for kind, path in files.items():
@@ -104,6 +114,10 @@ def main() -> None:
     for model, kind, size, memory, ratio, latency, slower in rows:
         print(f"| {model} | {kind} | {size / 2**20:.1f} | {memory / 2**20:.1f} | {ratio:.2f} | {latency * 1e3:.1f} | "
               f"{slower:.2f} |")
+    print("\n| model | int8 file of | MiB | / untied fp32 file | shared kernels, one int8 tensor each |\n"
+          "| --- | --- | --- | --- | --- |")
+    for model, kind, size, ratio, shared in sizes:
+        print(f"| {model} | {kind} | {size / 2**20:.1f} | {ratio:.3f} | {shared} |")
 
 
 if __name__ == "__main__":

@@ -113,7 +113,11 @@ def int8_fidelity(model: torch.nn.Module, fit: Path, held: list[torch.Tensor], s
 
 
 def stored(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters stored: a tied model's unique ones; an int8 session's, those of the model it was made of."""
+    return getattr(model, "stored_params", None) or sum(p.numel() for p in model.parameters())
+
+
+INT8_FILES = tempfile.TemporaryDirectory()  # the int8 files a case returns as sessions, until the run ends
 
 
 Case = Callable[[torch.nn.Module, Path, Fidelity | None], torch.nn.Module]
@@ -132,6 +136,18 @@ def case_table(size: int, images: int, minutes: float) -> dict[str, Case]:
             retrofit(model, policy, f"images:{fit}", fit=config, held_out=0, image_size=size,
                      recalibrate=recal)  # type: ignore[arg-type]
             return model
+        return go
+
+    def then_int8(case: Case) -> Case:
+        def go(model: torch.nn.Module, fit: Path, int8: Fidelity | None) -> torch.nn.Module:
+            tied = case(model, fit, int8)
+            data = load_data(f"images:{fit}", "train", image_size=decoding_for(tied, size))
+            found = export_int8(tied, Path(INT8_FILES.name) / f"{id(tied)}.int8.onnx", data, images=256, held_out=0)
+            print(f"  int8 file {found.file_bytes / 2**20:.2f} MiB, {found.shared_int8} shared kernel(s) as one int8 "
+                  "tensor each", flush=True)
+            session = OnnxSession(found.path)
+            session.stored_params = stored(tied)  # type: ignore[assignment]
+            return session
         return go
 
     def search(metric: str, policy: str = "stage") -> Case:
@@ -160,6 +176,7 @@ def case_table(size: int, images: int, minutes: float) -> dict[str, Case]:
         "budget:0.95, seq, --batchnorm measure": run("budget:0.95", batchnorm="measure"),
         "budget:0.9, seq, --batchnorm measure": run("budget:0.9", batchnorm="measure"),
         "budget:0.8, seq, --batchnorm measure": run("budget:0.8", batchnorm="measure"),
+        "budget:0.95, seq, --batchnorm measure, then int8 (--int8)": then_int8(run("budget:0.95", batchnorm="measure")),
         "search: --target agree=int8's, within stage": search("agree"),
         "search: --target kl=int8's, within stage": search("kl"),
     }
