@@ -16,6 +16,12 @@ def param(name: str, value: object = _MISSING) -> str:
     return f"`{name}`" if value is _MISSING else f"`{name}={value}`"
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, at most `limit` characters: what a one-line
+    error quotes of a library's failure."""
+    return (str(exc).strip().splitlines() or [""])[0][:limit]
+
+
 class KShareError(Exception):
     """Base class of every error caused by the user's input (not by a bug in kshare)."""
 

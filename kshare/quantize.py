@@ -25,7 +25,7 @@ from torch import nn
 
 from kshare._files import atomic_write
 from kshare.data import ImageSource, adapter_for, as_image_data, decoding_for
-from kshare.errors import DataError, ExportError, param
+from kshare.errors import DataError, ExportError, first_line, param
 from kshare.fit.fidelity import Fidelity, measure_fidelity
 from kshare.fit.statistics import fit_batches
 from kshare.io.onnx_export import export_onnx, shared_kernels
@@ -124,8 +124,7 @@ def export_int8(model: nn.Module, path: str | Path, data: ImageSource, *, images
                             nodes_to_exclude=norms,
                             extra_options={"OpTypesToExcludeOutputQuantization": ["Conv"]} if norms else {})
         except Exception as exc:
-            raise ExportError(f"int8 quantisation failed: {type(exc).__name__}: "
-                              f"{(str(exc).strip().splitlines() or [''])[0][:200]}") from None
+            raise ExportError(f"int8 quantisation failed: {type(exc).__name__}: {first_line(exc)}") from None
         finally:
             root.setLevel(level)
         shared = _shared_int8(onnx.load(str(quantised)).graph, kernels)

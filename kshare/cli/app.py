@@ -23,7 +23,7 @@ from typer.core import TyperGroup
 
 from kshare._version import __version__
 from kshare.data import NAMES as DATA_NAMES
-from kshare.errors import KShareError, OptionError
+from kshare.errors import KShareError, OptionError, first_line
 
 try:  # typer that carries its own copy of click: its usage errors derive from TyperException
     from typer.exceptions import TyperException as CommandLineError
@@ -122,7 +122,7 @@ def one_line_errors(fn: F) -> F:
         except OSError as exc:
             message = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
         except Exception as exc:
-            text = (str(exc).strip().splitlines() or [""])[0][:200]
+            text = first_line(exc)
             if isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text:
                 message = f"not enough memory: {text or type(exc).__name__}; use a smaller batch, input or model"
             elif os.environ.get("KSHARE_DEBUG"):

@@ -14,9 +14,8 @@ an initializer that is also a graph input may be overridden at run time, so ORT 
 is. The export therefore lists every shared kernel (an initializer of rank 3 or more that more
 than one node reads, and a relaxed member's factors) among the graph inputs, with the stored
 value as its default: sessions need no settings, callers feed only `input`, and the saving
-survives the default session
-(`benchmarks/onnx_memory.py`). ORT logs a warning per such kernel that it will not be treated
-as constant: that is the point.
+survives the default session (`benchmarks/onnx_memory.py`). ORT logs a warning per such kernel
+that it will not be treated as constant: that is the point.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from torch import nn
 
 from kshare._files import atomic_write
 from kshare.analysis.inspect import parse_input_size
-from kshare.errors import ExportError, param
+from kshare.errors import ExportError, first_line, param
 from kshare.io.payload import state_bytes
 from kshare.models.zoo import default_input_size, spec_of
 from kshare.surgery.relax import is_relaxed
@@ -67,10 +66,6 @@ def keep_shared_in_sessions(path: Path) -> int:
     if names:
         onnx.save(proto, str(path))
     return len(names)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0][:200]
 
 
 def export_onnx(
@@ -122,7 +117,7 @@ def export_onnx(
             raise ExportError(f"ONNX export needs the onnx package ({exc.name}): pip install 'kshare[export]'") \
                 from None
         except Exception as exc:
-            raise ExportError(f"ONNX export failed: {type(exc).__name__}: {_first_line(exc)}") from None
+            raise ExportError(f"ONNX export failed: {type(exc).__name__}: {first_line(exc)}") from None
         limit = ONNX_SLACK * state_bytes(model.state_dict()) + 2**20
         if tmp.stat().st_size > limit:
             raise ExportError(
