@@ -112,9 +112,9 @@ def export_int8(model: nn.Module, path: str | Path, data: ImageSource, *, images
         fp32 = Path(tmp) / "fp32.onnx"  # plain initializers: the quantiser reads graph inputs as activations
         export_onnx(model, fp32, input_size=input_size or tuple(batches[0].shape[1:]), opset=opset,
                     keep_shared=False)
-        kernels = shared_kernels(onnx.load(str(fp32)).graph)
+        graph = onnx.load(str(fp32)).graph
+        kernels, norms = shared_kernels(graph), _unfolded_batchnorms(graph)
         quantised = Path(tmp) / "int8.onnx"
-        norms = _unfolded_batchnorms(onnx.load(str(fp32)).graph)
         root = logging.getLogger()
         level = root.level
         root.setLevel(logging.ERROR)  # the quantiser's advice to pre-process, on the root logger
