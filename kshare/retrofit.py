@@ -251,16 +251,21 @@ def retrofit(
     batches: list[torch.Tensor] = []
     began = time.perf_counter()
     statistics = None
-    if recal is not None and recal.choose == "auto":  # how to treat BatchNorm: by what its statistics describe
-        if fit is not None and batch_norms(model):
-            assert images is not None and adapter is not None
-            batches = fit_batches(images, fit_n, fit.batch_size, adapter, dev, fit.seed)
-            statistics = choose_statistics(original, batches, _first(batches, JUDGE_IMAGES))
-            log.info(statistics.line())
-            describes = statistics.describes
-            fit = dataclasses.replace(fit, track_batchnorm=fit.track_batchnorm and describes,
-                                      compensate=fit.compensate and describes)
-            recal = dataclasses.replace(recal, choose="all" if describes else "measure")
+
+    def resolve_auto(recal: RecalibrateConfig) -> RecalibrateConfig:
+        """`auto` made `all` or `measure` by whether `original`'s statistics describe `batches`."""
+        nonlocal statistics
+        statistics = choose_statistics(original, batches, _first(batches, JUDGE_IMAGES))
+        log.info(statistics.line())
+        return dataclasses.replace(recal, choose="all" if statistics.describes else "measure")
+
+    if recal is not None and recal.choose == "auto" and fit is not None and batch_norms(model):
+        assert images is not None and adapter is not None  # decided before the fit, which it configures
+        batches = fit_batches(images, fit_n, fit.batch_size, adapter, dev, fit.seed)
+        recal = resolve_auto(recal)
+        describes = recal.choose == "all"
+        fit = dataclasses.replace(fit, track_batchnorm=fit.track_batchnorm and describes,
+                                  compensate=fit.compensate and describes)
     if fit is not None:
         assert images is not None and adapter is not None
         batches = batches or fit_batches(images, fit_n, fit.batch_size, adapter, dev, fit.seed)
@@ -283,9 +288,7 @@ def retrofit(
             count = min(recal.images or fit_n, len(images.labels))
             batches = fit_batches(images, count, recal.batch_size, adapter, dev, seed)
         if recal.choose == "auto":  # after a weight-space init: checked on the recalibration's images
-            statistics = choose_statistics(original, batches, _first(batches, JUDGE_IMAGES))
-            log.info(statistics.line())
-            recal = dataclasses.replace(recal, choose="all" if statistics.describes else "measure")
+            recal = resolve_auto(recal)
         if recal.choose == "measure":
             choice = choose_batchnorm(model, original, batches, _first(batches, JUDGE_IMAGES))
             recalibrated = len(choice.reestimated)
