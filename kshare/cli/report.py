@@ -14,6 +14,7 @@ from rich.table import Table
 from kshare.analysis.signature import Signature
 from kshare.api import Analysis
 from kshare.fit.blocks import UnitReconstruction
+from kshare.fit.fidelity import kl_per_million
 from kshare.fit.order import FitReport
 from kshare.planning.plan import SharingPlan
 from kshare.retrofit import RetrofitReport
@@ -205,8 +206,8 @@ def costs_table(costs: Sequence[dict[str, Any]]) -> Table:
     for column in ("group", "params saved", "KL added", "top-1 agreement taken", "KL per M saved"):
         table.add_column(column, justify="left" if column == "group" else "right")
 
-    def per_million(c: dict[str, Any]) -> float:
-        return float(c.get("kl") or 0.0) / max(int(c.get("params_saved") or 0) / 1e6, 1e-9)
+    def per_million(c: dict[str, Any]) -> float:  # the record's figures: a file may hold anything
+        return kl_per_million(float(c.get("kl") or 0.0), int(c.get("params_saved") or 0))
 
     for c in sorted(costs, key=lambda c: -per_million(c)):
         table.add_row(str(c.get("group")), f"{int(c.get('params_saved') or 0):,}", f"{float(c.get('kl') or 0):.4f}",

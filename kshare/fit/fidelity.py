@@ -118,7 +118,12 @@ class GroupCost:
     @property
     def kl_per_million(self) -> float:
         """KL added per million parameters saved: the rank a fidelity search reverts groups by."""
-        return self.kl / max(self.params_saved / 1e6, 1e-9)
+        return kl_per_million(self.kl, self.params_saved)
+
+
+def kl_per_million(kl: float, params_saved: int) -> float:
+    """`kl` per million parameters saved (a group that saves nothing ranks first, without a division by zero)."""
+    return kl / max(params_saved / 1e6, 1e-9)
 
 
 @contextmanager
