@@ -206,9 +206,7 @@ def retrofit(
     model.to(dev)
     images = None
     if data is not None:
-        asked = [fit.images, fit.reconstruct_images or 0] if fit is not None else []
-        asked += [recal.images or (fit.images if fit is not None else 512)] if recal is not None else []
-        need = None if finetune is not None else (held_out + max(asked, default=0)) or None
+        need = None if finetune is not None else images_needed(fit, recal, held_out)
         images = as_image_data(data, transform=transform, limit=need, image_size=decoding_for(model, image_size))
     if finetune is not None and images is not None and not images.labelled:
         raise TrainingError(f"{images.name} has no labels: a fine-tune needs them (a fit, recalibration and "
@@ -360,6 +358,15 @@ def batchnorm_mode(mode: str, fit: FitConfig | None) -> tuple[FitConfig | None, 
     if mode == "keep":
         return (dataclasses.replace(untracked, recalibrate=False) if untracked is not None else None), False
     return untracked, RecalibrateConfig(batch_size=fit.batch_size if fit is not None else 256, choose="measure")
+
+
+def images_needed(fit: FitConfig | None, recalibrate: RecalibrateConfig | bool | None, held_out: int) -> int | None:
+    """How many images of the data a retrofit without a fine-tune reads, held-out ones included
+    (None: no steps that read any): what an iterable source is read up to."""
+    recal = _recalibration(recalibrate, fit)
+    asked = [fit.images, fit.reconstruct_images or 0] if fit is not None else []
+    asked += [recal.images or (fit.images if fit is not None else 512)] if recal is not None else []
+    return (held_out + max(asked, default=0)) or None
 
 
 def _first(batches: Sequence[torch.Tensor], n: int) -> list[torch.Tensor]:

@@ -40,7 +40,7 @@ from kshare.fit.statistics import fit_batches
 from kshare.planning.config import SharingConfig
 from kshare.planning.plan import SharingPlan, without_groups
 from kshare.progress import ProgressFn
-from kshare.retrofit import HELD_OUT, RecalibrateConfig, RetrofitReport, retrofit, split_images
+from kshare.retrofit import HELD_OUT, RecalibrateConfig, RetrofitReport, images_needed, retrofit, split_images
 from kshare.surgery.tie import plan_of
 from kshare.training.runtime import resolve_device
 
@@ -205,9 +205,8 @@ def search_plan(
     if plan_of(model) is not None:
         raise PlanError("a fidelity search starts from the untied model: call kshare.untie(model) first")
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
-    reads = max(fit.images, fit.reconstruct_images or 0) if fit is not None else 512
-    images = as_image_data(data, transform=transform, limit=reads + held_out,
-                           image_size=decoding_for(model, image_size))
+    images = as_image_data(data, transform=transform, limit=images_needed(fit, recalibrate, held_out),
+                           image_size=decoding_for(model, image_size))  # what each trial's retrofit reads
     split = split_images(images, fit, recalibrate, held_out)
     if split.held_count < MIN_HELD_OUT:
         raise SearchError(f"{images.name} holds {len(images.labels):,} images: too few to hold out the "
