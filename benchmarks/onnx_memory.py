@@ -96,7 +96,7 @@ def main() -> None:
             pictures = (torch.rand(48, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
                         * 255).to(torch.uint8)  # calibration for file sizes only: no fidelity is claimed
             for kind, model in (("untied", untied), ("tied", tied)):
-                found8 = export_int8(model, Path(tmp) / f"{name}.{policy}.{kind}.int8.onnx", pictures, images=32,
+                found8 = export_int8(model, Path(tmp) / f"{name}.{policy}.{kind}.int8.onnx", pictures, calib_images=32,
                                      held_out=0)
                 sizes.append((f"{name} `{policy}`" if kind == "tied" else name, kind, found8.file_bytes,
                               found8.file_bytes / files["untied"].stat().st_size, found8.shared_int8))

@@ -107,7 +107,7 @@ def int8_fidelity(model: torch.nn.Module, fit: Path, held: list[torch.Tensor], s
     start = time.perf_counter()
     data = load_data(f"images:{fit}", "train", image_size=decoding_for(model, size))
     with tempfile.TemporaryDirectory() as tmp:
-        found = export_int8(model, Path(tmp) / "m.int8.onnx", data, images=calibration, held_out=0)
+        found = export_int8(model, Path(tmp) / "m.int8.onnx", data, calib_images=calibration, held_out=0)
         fidelity = measure_fidelity(OnnxSession(found.path), model, held)
     return fidelity, time.perf_counter() - start
 
@@ -142,7 +142,8 @@ def case_table(size: int, images: int, minutes: float) -> dict[str, Case]:
         def go(model: torch.nn.Module, fit: Path, int8: Fidelity | None) -> torch.nn.Module:
             tied = case(model, fit, int8)
             data = load_data(f"images:{fit}", "train", image_size=decoding_for(tied, size))
-            found = export_int8(tied, Path(INT8_FILES.name) / f"{id(tied)}.int8.onnx", data, images=256, held_out=0)
+            found = export_int8(tied, Path(INT8_FILES.name) / f"{id(tied)}.int8.onnx", data, calib_images=256,
+                                held_out=0)
             print(f"  int8 file {found.file_bytes / 2**20:.2f} MiB, {found.shared_int8} shared kernel(s) as one int8 "
                   "tensor each", flush=True)
             session = OnnxSession(found.path)

@@ -2,7 +2,7 @@
 export through ONNX Runtime's quantisation tools, calibrated on the user's images.
 
     export_onnx(plain initializers) → quantize_static (QDQ, per-channel int8 weights, int8
-    activations, calibrated on `images` of the data) → check: one int8 tensor per shared kernel
+    activations, calibrated on `calib_images` of the data) → check: one int8 tensor per shared kernel
     → fidelity of the int8 session against the fp32 model on held-out images
 
 ONNX Runtime's quantiser quantises each weight initializer once, by name, and every conv that
@@ -71,16 +71,18 @@ class OnnxSession(nn.Module):
         return torch.from_numpy(self.session.run(None, {"input": x.detach().cpu().numpy()})[0])
 
 
-def export_int8(model: nn.Module, path: str | Path, data: ImageSource, *, images: int = 256, held_out: int = 256,
+def export_int8(model: nn.Module, path: str | Path, data: ImageSource, *, calib_images: int = 256,
+                held_out: int = 256,
                 input_size: Sequence[int] | str | None = None, image_size: int | None = None,
                 opset: int = 17) -> Int8Export:
-    """Write `model` as int8 ONNX (QDQ, per-channel weights) calibrated on `images` images of
+    """Write `model` as int8 ONNX (QDQ, per-channel weights) calibrated on `calib_images` images of
     `data` (no labels needed), checked to hold each shared kernel once, and measured against
     the fp32 `model` on up to `held_out` further images of `data`."""
     start = time.perf_counter()
-    for name, value in (("images", images), ("held_out", held_out)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "images" else 0):
-            raise DataError(f"{param(name)} must be a whole number of at least {1 if name == 'images' else 0}, "
+    for name, value in (("calib_images", calib_images), ("held_out", held_out)):
+        least = 1 if name == "calib_images" else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise DataError(f"{param(name)} must be a whole number of at least {least}, "
                             f"got {value!r}")
     try:
         import onnx
@@ -89,9 +91,9 @@ def export_int8(model: nn.Module, path: str | Path, data: ImageSource, *, images
         raise ExportError(f"int8 export needs onnx and onnxruntime ({exc.name}): pip install 'kshare[export]'"
                           ) from None
     model = model.eval()
-    found = as_image_data(data, limit=images + held_out, image_size=decoding_for(model, image_size))
+    found = as_image_data(data, limit=calib_images + held_out, image_size=decoding_for(model, image_size))
     n = len(found.labels)
-    calibration = min(images, n - min(held_out, n // 4)) if held_out else min(images, n)
+    calibration = min(calib_images, n - min(held_out, n // 4)) if held_out else min(calib_images, n)
     if calibration < 1:
         raise DataError(f"{found.name} holds {n} image(s): too few to calibrate int8 on")
     adapter = adapter_for(model, found, image_size)

@@ -30,7 +30,7 @@ def test_int8_export_holds_each_shared_kernel_once_and_agrees_with_fp32(tied: nn
     from kshare.quantize import export_int8
 
     train, _ = digits
-    found = export_int8(tied, tmp_path / "m.int8.onnx", train, images=256, held_out=256)
+    found = export_int8(tied, tmp_path / "m.int8.onnx", train, calib_images=256, held_out=256)
     graph = onnx.load(str(found.path)).graph
     modules = dict(tied.named_modules())
     for group in kshare.plan_of(tied).groups:
@@ -71,7 +71,8 @@ def test_cli_export_int8_and_its_errors(tied: nn.Module, tmp_path: Path) -> None
     assert (tmp_path / "m.onnx").stat().st_size > 0
     (tmp_path / "empty").mkdir()
     for args, match in [((), "--data"), (("--data", f"images:{tmp_path / 'missing'}"), "not"),
-                        (("--data", f"images:{tmp_path / 'empty'}"), "")]:
+                        (("--data", f"images:{tmp_path / 'empty'}"), ""),
+                        (("--data", f"images:{pictures}", "--calib-images", "0"), "--calib-images must be")]:
         code, out = run("export", checkpoint, "--onnx", tmp_path / "x.onnx", "--int8", *args)
         assert code == 2 and out.strip().splitlines()[-1].startswith("error:") and match in out, out
         assert not (tmp_path / "x.onnx").exists()

@@ -317,7 +317,7 @@ def export(
         assert data is not None
         calibration = load_data(data, "train", data_root, decoding_for(net, None))
         with Console(stderr=True).status("quantising to int8…"):
-            found = export_int8(net, onnx, calibration, images=calib_images, held_out=held_out,
+            found = export_int8(net, onnx, calibration, calib_images=calib_images, held_out=held_out,
                                 input_size=input_size)
         console.print(found.line())
     elif onnx is not None:
