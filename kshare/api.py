@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,6 +41,7 @@ def analyze(
     method: str = "auto",
     spec: ModelSpec | None = None,
     metric: Mapping[str, tuple[torch.Tensor, float]] | None = None,
+    example_inputs: Any = None,
     **options: object,
 ) -> Analysis:
     """Inspect `model` (a module, or a name `kshare.models.zoo` resolves) and plan its sharing.
@@ -50,13 +52,16 @@ def analyze(
     `share_bias`, `relax`) replace the config's fields. A relaxation (`relax="lora:4"`) is
     counted in the totals, and in a budget. `spec` records where a module came from (set
     automatically when `model` is a name). `metric` (`kshare.fit.order.output_metric`)
-    makes a budget plan group by output error on real images.
+    makes a budget plan group by output error on real images. `example_inputs` (a tensor, a tuple
+    of the model's arguments, or a list of images as detection models take) is how the model is
+    called, for models whose input is not one image batch; torchvision's detection and
+    optical-flow models get theirs by default.
     """
     if isinstance(model, str):
         model, spec = load_model(model)
     spec = spec or spec_of(model)
-    size = input_size if input_size is not None else default_input_size(model, spec)
-    inspection = inspect_model(model, size, method=method)
+    size = input_size if input_size is not None or example_inputs is not None else default_input_size(model, spec)
+    inspection = inspect_model(model, size, method=method, example_inputs=example_inputs)
     plan = build_plan(model, policy, inspection=inspection, source=spec.ref if spec else None, metric=metric,
                       **options)
     return Analysis(inspection=inspection, plan=plan, spec=spec)
@@ -75,6 +80,7 @@ def tie(
     input_size: Sequence[int] | str | None = None,
     calib: ImageSource | None = None,
     fit: FitConfig | None = None,
+    example_inputs: Any = None,
     **options: object,
 ) -> nn.Module:
     """Tie `model` in place by a plan (or a policy, planned here) and return it.
@@ -96,7 +102,8 @@ def tie(
     `calib` (images; labels are not read) fits each shared kernel, and each relaxation, to what
     the members output on those images instead, then re-estimates BatchNorm statistics there
     (`kshare.retrofit`; `fit` says how): a trained network keeps what it knew. The
-    plan then records each group's output error next to its weight error.
+    plan then records each group's output error next to its weight error. `example_inputs`:
+    how the model is called, as in `analyze`.
     """
     if plan_of(model) is not None:
         raise PlanError("model is already tied by kshare: call kshare.untie(model) before tying it again")
@@ -115,7 +122,8 @@ def tie(
             raise PlanError(f"policy options {sorted(options)} apply to a policy, not to a ready plan")
         chosen = plan
     else:
-        chosen = analyze(model, parse_config(plan, **options), input_size=input_size).plan
+        chosen = analyze(model, parse_config(plan, **options), input_size=input_size,
+                         example_inputs=example_inputs).plan
     chosen.validate(model)
     if init is None and any(g.init == FITTED for g in chosen.groups):
         raise PlanError(f"this plan's kernels were fitted to data: pass images as {param('calib')} to fit them "

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from kshare.analysis.calls import example_call, size_of_call
 from kshare.analysis.signature import Signature, is_conv
 from kshare.errors import InputSizeError, InspectError, param
 from kshare.kernels import shared_kernel
@@ -220,15 +221,7 @@ def _pooled_inside(res: tuple[int, ...], stage_res: tuple[int, ...] | None) -> b
     return bool(res) and all(d == 1 for d in res) and stage_res is not None and any(d != 1 for d in stage_res)
 
 
-def _example_input(model: nn.Module, input_size: tuple[int, ...]) -> torch.Tensor:
-    ref = next((p for p in model.parameters() if p.is_floating_point()), None)
-    device = ref.device if ref is not None else torch.device("cpu")
-    dtype = ref.dtype if ref is not None else torch.float32
-    gen = torch.Generator().manual_seed(0)
-    return torch.randn((1, *input_size), generator=gen).to(device=device, dtype=dtype)
-
-
-def _run_fx(model: nn.Module, x: torch.Tensor, recorder: _Recorder, convs: list[nn.Module]) -> None:
+def _run_fx(model: nn.Module, args: tuple[Any, ...], recorder: _Recorder, convs: list[nn.Module]) -> None:
     leaves, autowrap = _timm_fx_lists()
     tracer = _ConvLeafTracer(leaves, autowrap)
     graph = tracer.trace(model)
@@ -242,38 +235,49 @@ def _run_fx(model: nn.Module, x: torch.Tensor, recorder: _Recorder, convs: list[
                 inner = [m for m in mod.modules() if id(m) in conv_ids]
                 if inner:
                     convs_in[node.target] = inner
-    _ShapeInterpreter(gm, recorder, convs_in).run(x)
+    _ShapeInterpreter(gm, recorder, convs_in).run(*args)
 
 
-def _forward(model: nn.Module, x: torch.Tensor, recorder: _Recorder, convs: list[nn.Module]) -> None:
+def _forward(model: nn.Module, args: tuple[Any, ...], recorder: _Recorder, convs: list[nn.Module]) -> None:
     with recorder.hooked(convs):
-        model(x)
+        model(*args)
 
 
 def inspect_model(
     model: nn.Module,
-    input_size: tuple[int, ...] | str,
+    input_size: tuple[int, ...] | str | None,
     method: str = "auto",
+    example_inputs: Any = None,
 ) -> Inspection:
-    """List the model's conv sites in execution order; see the module docstring for how."""
+    """List the model's conv sites in execution order; see the module docstring for how.
+    `example_inputs` (a tensor, a tuple of arguments, a list of images: `kshare.analysis.calls`)
+    is how the model is called, for a model that takes more than one image batch; without it the
+    model's family picks an example of `input_size`, which it then defaults to."""
     if method not in METHODS:
         raise InspectError(f"unknown inspection method {method!r}: expected one of {', '.join(METHODS)}")
-    size = parse_input_size(input_size)
+    if example_inputs is not None:
+        args = example_call(model, (), example_inputs)
+        size = size_of_call(args)
+    else:
+        if input_size is None:
+            raise InputSizeError(f"give an input size ({param('input_size', 'C,H,W')}) or {param('example_inputs')}")
+        size = parse_input_size(input_size)
     modules = [(name, m) for name, m in model.named_modules() if is_conv(m)]
-    if modules and len(size) != 1 + len(modules[0][1].kernel_size):
+    if example_inputs is None and modules and len(size) != 1 + len(modules[0][1].kernel_size):
         ndim = len(modules[0][1].kernel_size)
         want = {1: "C,L", 2: "C,H,W", 3: "C,D,H,W"}.get(ndim, f"{ndim + 1} numbers")
         raise InputSizeError(f"bad input size {input_size!r}: the model's convolutions are {ndim}-D, expected {want}")
     names = {id(m): name for name, m in modules}
     convs = [m for _, m in modules]
-    x = _example_input(model, size)
+    if example_inputs is None:
+        args = example_call(model, size)
 
     used, fallback = "hooks", None
     with analysis_mode(model):
         recorder = _Recorder(names)
         if method in ("auto", "fx"):
             try:
-                _run_fx(model, x, recorder, convs)
+                _run_fx(model, args, recorder, convs)
                 used = "fx"
             except Exception as exc:
                 if method == "fx":
@@ -282,11 +286,15 @@ def inspect_model(
                 recorder = _Recorder(names)
         if used == "hooks":
             try:
-                _forward(model, x, recorder, convs)
+                _forward(model, args, recorder, convs)
             except Exception as exc:
+                if example_inputs is not None:
+                    raise InspectError(f"the model failed on the given {param('example_inputs')} "
+                                       f"({_first_line(exc)})") from None
                 raise InspectError(
                     f"the model failed on an example input of size {','.join(map(str, size))} "
-                    f"({_first_line(exc)}); pass a size it accepts as {param('input_size', 'C,H,W')}"
+                    f"({_first_line(exc)}); pass a size it accepts as {param('input_size', 'C,H,W')}, "
+                    f"or how it is called as {param('example_inputs')}"
                 ) from None
 
     canon = _canonical_names(model)

@@ -9,6 +9,8 @@ read. No labels needed: the original's own outputs are the reference.
   `CONFIDENT` probability (where its answer means something; `None` when it gives none);
 - output error: ‖s − t‖² / ‖t‖² of the raw outputs, summed over the images (any tensor output).
 With labels, `accuracy` adds the retrofitted model's own accuracy on the same images.
+Segmentation outputs are compared per pixel, detection outputs by matched boxes and the
+backbone's feature maps, other outputs by relative error (`Fidelity`, `kshare.fit.outputs`).
 
 Per group (`group_costs`): the fidelity the model regains when that group alone computes as in
 the original, which is what tying it costs, against the parameters it saves.
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kshare.errors import TrainingError
+from kshare.fit.outputs import BoxTally, Reading, read, relative_error
 
 CONFIDENT = 0.5  # the original's top probability above which an image counts as one it is sure about
 
@@ -45,61 +48,119 @@ def logits_of(output: Any) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Fidelity:
-    """The retrofitted model against the original on `images` held-out images (see the module)."""
+    """The retrofitted model against the original on `images` held-out images (see the module).
+
+    `kind` says what was compared (`kshare.fit.outputs`): for `classes` the figures are per image,
+    for `pixels` (segmentation) per pixel. For `boxes` (detection), `top1` is the box agreement
+    (2 x boxes matched at IoU >= 0.5 with the same label / all boxes of both), `top5` the same
+    whatever the label, `box_iou` and `score_agreement` (1 - mean score gap) describe the matched
+    pairs; for `boxes` and `features` there are no class distributions, and `kl` is the relative
+    error of the feature maps (`feature_error`, else of the outputs), the smooth measure a search
+    can target; `features` outputs make no decisions (`top1`, `top5`: 0).
+    `feature_error`: ‖s − t‖² / ‖t‖² of the backbone's maps, where the model has a backbone."""
 
     images: int
     top1: float
     top5: float
     kl: float
     confident_top1: float | None
-    confident: int  # images the original is confident about
+    confident: int  # images (pixels) the original is confident about
     output_error: float
     accuracy: float | None = None  # the retrofitted model's, where the images have labels
+    kind: str = "classes"
+    feature_error: float | None = None
+    box_iou: float | None = None
+    score_agreement: float | None = None
 
-    def line(self) -> str:
-        """One line for a log or a terminal."""
+    def line(self, images: str = "held-out images") -> str:
+        """One line for a log or a terminal; `images` says which images it was measured on."""
+        features = f", feature error {self.feature_error:.4f}" if self.feature_error is not None else ""
+        held = f"on {self.images} {images}"
+        if self.kind == "boxes":
+            pairs = (f", matched IoU {self.box_iou:.3f}, score agreement {self.score_agreement:.3f}"
+                     if self.box_iou is not None and self.score_agreement is not None else "")
+            return f"box agreement {self.top1:.1%} ({self.top5:.1%} whatever the label){pairs}{features} {held}"
+        if self.kind == "features":
+            return f"output error {self.output_error:.4f}{features} {held}"
         sure = (f", {self.confident_top1:.1%} where it is sure ({self.confident})"
                 if self.confident_top1 is not None else "")
-        return (f"top-1 agreement {self.top1:.1%}, top-5 {self.top5:.1%}, KL {self.kl:.4f}{sure} "
-                f"on {self.images} held-out images")
+        what = "pixel agreement" if self.kind == "pixels" else "top-1 agreement"
+        return f"{what} {self.top1:.1%}, top-5 {self.top5:.1%}, KL {self.kl:.4f}{sure}{features} {held}"
+
+
+
+class _Tally:
+    """Running sums of `measure_fidelity` over batches."""
+
+    def __init__(self) -> None:
+        self.images = self.decisions = self.agree = self.agree5 = self.confident = self.confident_agree = 0
+        self.correct = 0
+        self.kl = self.error = self.energy = self.feature_error = self.feature_energy = 0.0
+        self.kinds: set[str] = set()
+        self.boxes = BoxTally()
+
+    def add(self, s: Reading, t: Reading, labels: torch.Tensor | None) -> None:
+        self.kinds.add(t.kind)
+        error, energy = relative_error(s.tensors, t.tensors)
+        self.error, self.energy = self.error + error, self.energy + energy
+        error, energy = relative_error(s.features, t.features)
+        self.feature_error, self.feature_energy = self.feature_error + error, self.feature_energy + energy
+        if t.boxes is not None and s.boxes is not None:
+            for mine, theirs in zip(s.boxes, t.boxes, strict=True):
+                self.boxes.add(mine, theirs)
+        elif t.scores is not None and s.scores is not None and s.scores.shape == t.scores.shape:
+            mine, picked = s.scores.argmax(1), t.scores.argmax(1)
+            self.agree += int((mine == picked).sum())
+            top = s.scores.topk(min(5, s.scores.shape[1]), dim=1).indices
+            self.agree5 += int((top == picked[:, None]).any(1).sum())
+            p = F.log_softmax(t.scores, 1)
+            self.kl += float((p.exp() * (p - F.log_softmax(s.scores, 1))).sum(dtype=torch.float64))
+            sure = p.exp().amax(1) >= CONFIDENT
+            self.confident += int(sure.sum())
+            self.confident_agree += int((sure & (mine == picked)).sum())
+            self.decisions += len(mine)
+            if labels is not None and t.kind == "classes":
+                self.correct += int((mine.cpu() == labels[self.images : self.images + t.images]).sum())
+        self.images += t.images
+
+    def result(self, labelled: bool) -> Fidelity:
+        if len(self.kinds) != 1:
+            raise TrainingError(f"the model's outputs changed kind between batches ({', '.join(sorted(self.kinds))})")
+        kind = self.kinds.pop()
+        features = self.feature_error / self.feature_energy if self.feature_energy else None
+        output_error = self.error / max(self.energy, 1e-30)
+        if kind in ("boxes", "features"):
+            smooth = features if features is not None else output_error
+            b = self.boxes
+            agree = (b.agreement, b.location_agreement) if kind == "boxes" else (0.0, 0.0)  # no decisions
+            return Fidelity(self.images, agree[0], agree[1], smooth, None, 0, output_error, None, kind, features,
+                            b.iou / b.matched if b.matched else None,
+                            1.0 - b.score_gap / b.matched if b.matched else None)
+        n = max(self.decisions, 1)
+        return Fidelity(self.images, self.agree / n, self.agree5 / n, self.kl / n,
+                        self.confident_agree / self.confident if self.confident else None, self.confident,
+                        output_error, self.correct / self.images if labelled and kind == "classes" else None,
+                        kind, features)
 
 
 @torch.no_grad()
 def measure_fidelity(model: nn.Module, original: nn.Module, batches: Sequence[torch.Tensor],
                      labels: torch.Tensor | None = None) -> Fidelity:
     """`model` against `original` on `batches` (model input, on the models' device), both in eval
-    mode (their modes are restored); `labels` (one per image) add accuracy."""
+    mode (their modes are restored); `labels` (one per image) add accuracy to a classifier's."""
     if not batches or not sum(len(b) for b in batches):
         raise TrainingError("fidelity needs held-out images, and none were given")
     modes = [(m, m.training) for net in (model, original) for m in net.modules()]
     model.eval()
     original.eval()
-    n = agree = agree5 = confident = confident_agree = correct = 0
-    kl = error = energy = 0.0
+    tally = _Tally()
     try:
         for x in batches:
-            s, t = logits_of(model(x)).float(), logits_of(original(x)).float()
-            error += float((s - t).square().sum(dtype=torch.float64))
-            energy += float(t.square().sum(dtype=torch.float64))
-            s, t = s.reshape(len(x), -1), t.reshape(len(x), -1)
-            picked = t.argmax(1)
-            mine = s.argmax(1)
-            agree += int((mine == picked).sum())
-            top = s.topk(min(5, s.shape[1]), dim=1).indices
-            agree5 += int((top == picked[:, None]).any(1).sum())
-            p = F.log_softmax(t, 1)
-            kl += float((p.exp() * (p - F.log_softmax(s, 1))).sum(dtype=torch.float64))
-            sure = p.exp().amax(1) >= CONFIDENT
-            confident += int(sure.sum())
-            confident_agree += int((sure & (mine == picked)).sum())
-            if labels is not None:
-                correct += int((mine.cpu() == labels[n : n + len(x)]).sum())
-            n += len(x)
+            tally.add(read(model, x), read(original, x), labels)
     finally:
         for m, flag in modes:
             m.training = flag
-    return Fidelity(n, agree / n, agree5 / n, kl / n, confident_agree / confident if confident else None, confident,
-                    error / max(energy, 1e-30), correct / n if labels is not None else None)
+    return tally.result(labels is not None)
 
 
 @dataclass(frozen=True)

@@ -274,12 +274,17 @@ def collect(model: nn.Module, members: Sequence[str], batches: Sequence[torch.Te
         for index in range(len(batches)):
             collector.batch = source_collector.batch = index
             collector.done, source_collector.done = set(), set()
-            held: dict[str, torch.Tensor] = {}
+            # each call's patches (a conv may run several times per forward: a detector's head, once per
+            # feature level), so that the tied model's k-th call pairs with the original's k-th
+            held: dict[str, list[torch.Tensor]] = {}
+            calls: dict[str, int] = {}
             if source is not None:
-                with source_collector.watching(source, lambda name, conv, p, held=held: held.__setitem__(name, p)):
+                with source_collector.watching(
+                        source, lambda name, conv, p, held=held: held.setdefault(name, []).append(p)):
                     run(source, index)
 
-            def keep(name: str, conv: nn.Module, p: torch.Tensor, held: dict[str, torch.Tensor] = held) -> None:
+            def keep(name: str, conv: nn.Module, p: torch.Tensor, held: dict[str, list[torch.Tensor]] = held,
+                     calls: dict[str, int] = calls) -> None:
                 m = found.get(name)
                 if m is None:
                     m = found[name] = Moments(torch.zeros(p.shape[0], p.shape[1], p.shape[1], device=p.device),
@@ -287,7 +292,8 @@ def collect(model: nn.Module, members: Sequence[str], batches: Sequence[torch.Te
                 add_gram(m.gram, p)
                 m.total += p.sum(-1).double()
                 m.rows += p.shape[-1]
-                original = held.get(name, p)
+                call = calls[name] = calls.get(name, -1) + 1
+                original = held[name][call] if name in held else p
                 weight = originals[name].weight.detach().float()
                 outputs = weight.reshape(p.shape[0], -1, p.shape[1]) @ original  # (G, O, R): W_i X
                 m.energy += float(outputs.square().sum(dtype=torch.float64))

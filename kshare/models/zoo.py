@@ -4,7 +4,8 @@ Accepted names, tried in this order for a bare name:
 
 - `kshare:NAME`: the paper's CIFAR models (`convmixer_256_16`, `se_resnet_cifar_d2`, and
   `_shared` variants; any `convmixer_DIM_DEPTH` or `se_resnet_cifar_dN` builds);
-- `torchvision:NAME` (a bare name that torchvision knows is torchvision's, e.g. `resnet50`);
+- `torchvision:NAME` (a bare name that torchvision knows is torchvision's, e.g. `resnet50`,
+  `retinanet_resnet50_fpn`, `deeplabv3_resnet50`, `r3d_18`, `raft_small`: every family);
 - `timm:NAME` (a bare name only timm knows, e.g. `convnext_atto`, goes to timm);
 - `package.module:factory` and `path/to/file.py:factory` for the user's own models.
 
@@ -119,9 +120,33 @@ def _kshare_factory(name: str) -> Callable[..., nn.Module] | None:
 
 
 def _torchvision_names() -> list[str]:
+    """Every torchvision builder: classification, detection, segmentation, video, optical flow
+    and the quantisable classifiers."""
     import torchvision
 
-    return list(torchvision.models.list_models(module=torchvision.models))
+    return list(torchvision.models.list_models())
+
+
+def _torchvision_factory(name: str) -> Callable[..., nn.Module]:
+    """torchvision's builder, with what it would download by default switched off: detection and
+    segmentation builders fetch ImageNet backbone weights unless `weights_backbone=None`."""
+    import inspect
+
+    import torchvision
+
+    builder = torchvision.models.get_model_builder(name)
+    if "weights_backbone" not in inspect.signature(builder).parameters:
+        return builder
+
+    def build_offline(**kwargs: Any) -> nn.Module:
+        if kwargs.setdefault("weights_backbone", None) is not None:
+            raise ModelBuildError(
+                "kshare never downloads weights: drop weights_backbone (the backbone starts from random init, "
+                f"or from the local state dict passed as {param('weights')})"
+            )
+        return builder(**kwargs)
+
+    return build_offline
 
 
 def _timm_is_model(name: str) -> bool:
@@ -236,9 +261,7 @@ def _factory(spec: ModelSpec) -> Callable[..., Any]:
             raise _unknown(spec.name, kshare_names())
         return factory
     if spec.source == "torchvision":
-        import torchvision
-
-        return torchvision.models.get_model_builder(spec.name)
+        return _torchvision_factory(spec.name)
     if spec.source == "timm":
         import timm
 
@@ -263,6 +286,8 @@ def build(spec: ModelSpec) -> nn.Module:
     factory = _factory(spec)
     try:
         model = factory(**kwargs)
+    except ModelBuildError:
+        raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ModelBuildError(f"building {spec.ref} failed: {type(exc).__name__}: {first}") from None

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -64,22 +64,24 @@ def _budget(model: nn.Module | None, inspection: Inspection, config: SharingConf
 def build_plan(target: nn.Module | Inspection, config: SharingConfig | str = "all", *,
                inspection: Inspection | None = None, input_size: Sequence[int] | str | None = None,
                method: str = "auto", source: str | None = None, metric: Metric | None = None,
-               **options: object) -> SharingPlan:
+               example_inputs: Any = None, **options: object) -> SharingPlan:
     """Plan `target` (a model, or an `Inspection` for configs that need no weights) under `config`.
 
     `config` is a `SharingConfig` or a policy string (`parse_config`); keyword `options`
     replace its fields. A model is inspected here (at `input_size`, by default its own) unless
     `inspection` is given. `metric` (each candidate's input Gram and output energy on real
     images, `kshare.fit.order.output_metric`) makes a budget plan group kernels and
-    allot delta ranks by output error instead of weight error."""
+    allot delta ranks by output error instead of weight error. `example_inputs` says how a model
+    that takes more than one image batch is called (`kshare.analysis.calls`)."""
     config = parse_config(config, **options)
     if isinstance(target, Inspection):
         model, inspection = None, target
     else:
         model = target
         if inspection is None:
-            size = input_size if input_size is not None else default_input_size(model, spec_of(model))
-            inspection = inspect_model(model, size, method=method)
+            size = input_size if input_size is not None or example_inputs is not None \
+                else default_input_size(model, spec_of(model))
+            inspection = inspect_model(model, size, method=method, example_inputs=example_inputs)
     planner = next((p for kind, p in _PLANNERS.items() if isinstance(config, kind)), None)
     if planner is None:
         raise PolicyError(f"no planner for {type(config).__name__}: register one with register_planner")
