@@ -6,13 +6,15 @@ untied, measured side by side in one run.
 
 Each model gets BatchNorm statistics like a trained network's (random init has none to fold,
 and hid this), is exported with `kshare.export_onnx` untied, tied, and tied without
-`keep_shared`, and each file is opened in a fresh process: a *default* session (ORT_ENABLE_ALL,
-one intra-op thread), one warm-up run, then the median latency of `--runs` runs of one image.
+`keep_shared`, and each file is opened in a fresh process (`kshare.io.deployed.measure_session`,
+what `kshare export` prints): a *default* session (ORT_ENABLE_ALL, one intra-op thread), one
+warm-up run, then the median latency of `--runs` runs of one image.
 Memory: resident memory the process gained from creating the session and running it once.
 The ratio that matters: tied session memory against the untied session's scaled by the
 tied/untied unique-byte ratio (1.00: the saving survives the session), and tied latency
 against untied. And the int8 files (`kshare.quantize.export_int8`, calibrated on 32 random
-pictures: sizes only) of both, against the untied fp32 file. Prints Markdown tables
+pictures: sizes and sessions only, no fidelity) of both, against the untied fp32 file, with
+their session memory and latency. Prints Markdown tables
 (docs/benchmarks.md keeps the last ones).
 """
 
@@ -20,40 +22,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 import kshare
+from kshare.io.deployed import measure_session
 from kshare.io.payload import state_bytes
 from kshare.models.zoo import load_model
 from kshare.quantize import export_int8
-
-PROBE = r"""
-import json, statistics, sys, time
-import numpy as np, onnxruntime as ort
-def resident():
-    return int(open("/proc/self/statm").read().split()[1]) * 4096
-path, size, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-options = ort.SessionOptions()
-options.intra_op_num_threads = 1
-options.log_severity_level = 3
-x = np.random.default_rng(0).random((1, 3, size, size), dtype=np.float32)
-before = resident()
-session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-session.run(None, {"input": x})
-memory = resident() - before
-times = []
-for _ in range(runs):
-    start = time.perf_counter()
-    session.run(None, {"input": x})
-    times.append(time.perf_counter() - start)
-print(json.dumps({"memory": memory, "latency": statistics.median(times)}))
-"""
 
 
 def trained_like(model: torch.nn.Module) -> torch.nn.Module:
@@ -70,9 +48,8 @@ def trained_like(model: torch.nn.Module) -> torch.nn.Module:
 
 def probe(path: Path, size: int, runs: int) -> dict[str, float]:
     """Session memory and median latency of the ONNX file at `path`, in a fresh process."""
-    done = subprocess.run([sys.executable, "-c", PROBE, str(path), str(size), str(runs)], capture_output=True,
-                          text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    cost = measure_session(path, (1, 3, size, size), runs=runs)
+    return {"memory": cost.memory_bytes, "latency": cost.latency_s}
 
 
 def main() -> None:
@@ -98,8 +75,10 @@ def main() -> None:
             for kind, model in (("untied", untied), ("tied", tied)):
                 found8 = export_int8(model, Path(tmp) / f"{name}.{policy}.{kind}.int8.onnx", pictures, calib_images=32,
                                      held_out=0)
+                session8 = probe(found8.path, args.size, args.runs)
                 sizes.append((f"{name} `{policy}`" if kind == "tied" else name, kind, found8.file_bytes,
-                              found8.file_bytes / files["untied"].stat().st_size, found8.shared_int8))
+                              found8.file_bytes / files["untied"].stat().st_size, found8.shared_int8,
+                              session8["memory"], session8["latency"]))
             found = {k: probe(p, args.size, args.runs) for k, p in files.items()}
             base = found["untied"]
             for kind, path in files.items():
@@ -114,10 +93,11 @@ def main() -> None:
     for model, kind, size, memory, ratio, latency, slower in rows:
         print(f"| {model} | {kind} | {size / 2**20:.1f} | {memory / 2**20:.1f} | {ratio:.2f} | {latency * 1e3:.1f} | "
               f"{slower:.2f} |")
-    print("\n| model | int8 file of | MiB | / untied fp32 file | shared kernels, one int8 tensor each |\n"
-          "| --- | --- | --- | --- | --- |")
-    for model, kind, size, ratio, shared in sizes:
-        print(f"| {model} | {kind} | {size / 2**20:.1f} | {ratio:.3f} | {shared} |")
+    print("\n| model | int8 file of | MiB | / untied fp32 file | shared kernels, one int8 tensor each | "
+          "session MiB | ms per image |\n| --- | --- | --- | --- | --- | --- | --- |")
+    for model, kind, size, ratio, shared, memory, latency in sizes:
+        print(f"| {model} | {kind} | {size / 2**20:.1f} | {ratio:.3f} | {shared} | {memory / 2**20:.1f} | "
+              f"{latency * 1e3:.1f} |")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from kshare.models.zoo import load_model
 from kshare.quantize import OnnxSession, export_int8
 from kshare.retrofit import RecalibrateConfig, batchnorm_mode, retrofit
 from kshare.search import search_plan
+from kshare.training.distill import DistillConfig
 
 PHOTOS = Path("/usr/share/backgrounds")
 
@@ -117,6 +118,7 @@ def stored(model: torch.nn.Module) -> int:
     return getattr(model, "stored_params", None) or sum(p.numel() for p in model.parameters())
 
 
+DISTILL_HELD = 64  # fit crops a distilling retrofit holds out to keep its best epoch by
 INT8_FILES = tempfile.TemporaryDirectory()  # the int8 files a case returns as sessions, until the run ends
 
 
@@ -127,14 +129,19 @@ def case_table(size: int, images: int, minutes: float) -> dict[str, Case]:
     """The retrofits compared: name → run(untied model, fit folder, int8's fidelity) → the model to
     measure. The `--batchnorm measure` cases are what `kshare retrofit` does by default."""
     def run(policy: str, recalibrate: RecalibrateConfig | bool | None = None, batchnorm: str | None = None,
-            **fit_options: object) -> Case:
+            distill: int = 0, **fit_options: object) -> Case:
         def go(model: torch.nn.Module, fit: Path, _: Fidelity | None) -> torch.nn.Module:
             config: FitConfig | None = FitConfig(images=images, batch_size=64, **fit_options)  # type: ignore[arg-type]
             recal = recalibrate
             if batchnorm is not None:
                 config, recal = batchnorm_mode(batchnorm, config)
-            retrofit(model, policy, f"images:{fit}", fit=config, held_out=0, image_size=size,
-                     recalibrate=recal)  # type: ignore[arg-type]
+            # distillation keeps its best epoch by fidelity on fit crops it holds out (DISTILL_HELD)
+            report = retrofit(model, policy, f"images:{fit}", fit=config, held_out=DISTILL_HELD if distill else 0,
+                              image_size=size, recalibrate=recal, costs_of_groups=False,  # type: ignore[arg-type]
+                              distill=DistillConfig(epochs=distill, batch_size=32) if distill else None)
+            for e in report.distillation:
+                print(f"  distillation epoch {e.epoch}: {e.fidelity.line('held-out fit crops')}"
+                      + (" (kept)" if e.best else ""), flush=True)
             return model
         return go
 
@@ -177,6 +184,7 @@ def case_table(size: int, images: int, minutes: float) -> dict[str, Case]:
         "budget:0.95, seq, --batchnorm measure": run("budget:0.95", batchnorm="measure"),
         "budget:0.9, seq, --batchnorm measure": run("budget:0.9", batchnorm="measure"),
         "budget:0.8, seq, --batchnorm measure": run("budget:0.8", batchnorm="measure"),
+        "stage, seq, --batchnorm measure, then --distill-epochs 4": run("stage", batchnorm="measure", distill=4),
         "budget:0.95, seq, --batchnorm measure, then int8 (--int8)": then_int8(run("budget:0.95", batchnorm="measure")),
         "search: --target agree=int8's, within stage": search("agree"),
         "search: --target kl=int8's, within stage": search("kl"),

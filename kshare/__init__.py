@@ -49,6 +49,7 @@ from kshare.retrofit import RecalibrateConfig, RetrofitReport, Step, fit_and_tie
 from kshare.search import SearchReport, Target, Trial, search_plan
 from kshare.surgery import apply_plan, fold, plan_of, untie
 from kshare.training import TrainConfig, evaluate, finetune
+from kshare.training.distill import DistillConfig, DistillEpoch
 
 __all__ = [
     "Analysis",
@@ -56,6 +57,8 @@ __all__ = [
     "CheckpointError",
     "ConvSite",
     "DataError",
+    "DistillConfig",
+    "DistillEpoch",
     "ExportError",
     "Fidelity",
     "FitConfig",

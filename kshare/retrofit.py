@@ -1,13 +1,15 @@
 """The retrofit pipeline: tie a trained network and keep what it knows, in one call.
 
-    plan → fit (or a weight-space init) → recalibrate BatchNorm → reconstruct blocks → fine-tune
+    plan → fit (or a weight-space init) → recalibrate BatchNorm → reconstruct blocks
+         → distil (no labels) → fine-tune (labels)
 
 Each step is optional and configured by a small frozen config (torchao's `quantize_(model,
 config)` style): `FitConfig` (how kernels are fitted to data; `None`: a weight-space `init`),
-`RecalibrateConfig`, `TrainConfig` (the fine-tune). After every step the model is measured: its
-accuracy where a labelled `test` split is given, and its fidelity to the untied original on
-held-out images of `data` (ones no step read). The CLI's `retrofit` and `apply --fit data`, the
-Python `tie(..., calib=)`, the sweep and the studies all call `retrofit`; none assembles the steps.
+`RecalibrateConfig`, `DistillConfig` (label-free recovery), `TrainConfig` (the fine-tune).
+After every step the model is measured: its accuracy where a labelled `test` split is given,
+and its fidelity to the untied original on held-out images of `data` (ones no step read).
+The CLI's `retrofit` and `apply --fit data`, the Python `tie(..., calib=)`, the sweep and the
+studies all call `retrofit`; none assembles the steps.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kshare.analysis.calls import family_of
 from kshare.analysis.inspect import inspect_model
 from kshare.data import ImageData, ImageSource, adapter_for, as_image_data, decoding_for
 from kshare.errors import DataError, PlanError, TrainingError, param
@@ -52,6 +55,8 @@ from kshare.planning.relaxation import Relaxation
 from kshare.progress import ProgressFn
 from kshare.surgery.tie import apply_plan, plan_of, with_init
 from kshare.training.config import TrainConfig
+from kshare.training.distill import DistillConfig, DistillEpoch
+from kshare.training.distill import distill as run_distill
 from kshare.training.evaluate import check_classes, evaluate
 from kshare.training.loop import finetune as run_finetune
 from kshare.training.runtime import resolve_device
@@ -128,6 +133,7 @@ class RetrofitReport:
     batchnorm: BatchNormChoice | None = None  # which layers were re-estimated, where that was measured
     statistics: StatisticsCheck | None = None  # whether the model's statistics describe the images (`auto`)
     costs: tuple[GroupCost, ...] = ()  # what each group costs in fidelity on the held-out images
+    distillation: tuple[DistillEpoch, ...] = ()  # label-free recovery, epoch 0 (before) first
 
     @property
     def final(self) -> Step:
@@ -149,6 +155,9 @@ class RetrofitReport:
                 "batchnorm": {k: list(v) if isinstance(v, tuple) else v for k, v in
                               dataclasses.asdict(self.batchnorm).items()} if self.batchnorm else None,
                 "costs": [dataclasses.asdict(c) for c in self.costs],
+                "distillation": [{"epoch": e.epoch, "loss": None if e.loss != e.loss else e.loss, "best": e.best,
+                                  "seconds": e.seconds, "fidelity": dataclasses.asdict(e.fidelity)}
+                                 for e in self.distillation],
                 "statistics": {"describes": self.statistics.describes, "top1": self.statistics.fidelity.top1,
                                "kl": self.statistics.fidelity.kl, "images": self.statistics.fidelity.images}
                 if self.statistics else None,
@@ -166,6 +175,7 @@ def retrofit(
     relax: str | None = None,
     recalibrate: RecalibrateConfig | bool | None = None,
     finetune: TrainConfig | None = None,
+    distill: DistillConfig | None = None,
     test: ImageData | None = None,
     held_out: int = HELD_OUT,
     measure_untied: bool = True,
@@ -188,7 +198,10 @@ def retrofit(
     `init` of `kshare.tie` (None: the plan's own). `relax`: the relaxation. `recalibrate`:
     BatchNorm re-estimation (None: after a fit, as `fit.recalibrate` says; after an init, off).
     `finetune`: a fine-tune on the labelled `data` (distillation and feature matching from the
-    untied original), checkpointed to `out`. `test`: a labelled split for accuracy. `held_out`:
+    untied original), checkpointed to `out`. `distill`: label-free recovery after the fit and
+    any reconstruction, distilling from the untied original on `data`'s images, the best epoch
+    on the held-out images kept (`kshare.training.distill`). `test`: a labelled split for
+    accuracy. `held_out`:
     images of `data` kept from every step for fidelity (fewer when the data is small; 0: none);
     `measure_untied`: the test accuracy of the untied model first (a sweep knows it already).
     `costs_of_groups`: at the end, what each group costs in fidelity on the held-out images
@@ -199,14 +212,24 @@ def retrofit(
         raise PlanError("retrofit starts from the untied model: call kshare.untie(model) first")
     if isinstance(held_out, bool) or not isinstance(held_out, int) or held_out < 0:
         raise DataError(f"{param('held_out')} must be a whole number of at least 0, got {held_out!r}")
+    if data is not None and family_of(model) == "optical_flow":
+        raise DataError(f"{type(model).__name__} is called with two image batches (optical flow): kshare fits, "
+                        "recalibrates and measures models called with one; tie it without data (kshare.tie, or "
+                        "`kshare apply` without --fit data)")
     recal = _recalibration(recalibrate, fit)
-    if data is None and (fit is not None or recal is not None or finetune is not None):
-        raise DataError("a fit, a recalibration and a fine-tune read images: pass the data")
+    if distill is not None and family_of(model) == "detection":
+        raise DataError("distillation learns from class scores or feature maps; a detector's output is "
+                        "post-processed boxes: retrofit it without distillation")
+    if data is None and (fit is not None or recal is not None or finetune is not None or distill is not None):
+        raise DataError("a fit, a recalibration, a distillation and a fine-tune read images: pass the data")
+    if distill is not None and held_out == 0:  # before the fit: its time would be lost
+        raise DataError(f"distillation keeps its best epoch by fidelity on held-out images: give "
+                        f"{param('held_out')} of at least 1")
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
     model.to(dev)
     images = None
     if data is not None:
-        need = None if finetune is not None else images_needed(fit, recal, held_out)
+        need = None if finetune is not None or distill is not None else images_needed(fit, recal, held_out)
         images = as_image_data(data, transform=transform, limit=need, image_size=decoding_for(model, image_size))
     if finetune is not None and images is not None and not images.labelled:
         raise TrainingError(f"{images.name} has no labels: a fine-tune needs them (a fit, recalibration and "
@@ -299,6 +322,17 @@ def retrofit(
         assert images is not None and adapter is not None
         units = reconstruct_fitted(model, original, images, batches, fit, adapter, dev, progress)
         measure("blocks reconstructed", sum(u.seconds for u in units))
+    distilled: tuple[DistillEpoch, ...] = ()
+    if distill is not None:
+        assert images is not None and adapter is not None
+        if not probe:
+            raise DataError(f"distillation keeps its best epoch by fidelity on held-out images: give "
+                            f"{param('held_out')} of at least 1 (and data with images left to hold out)")
+        train = images.without_beyond(read, split.held_count, seed)  # never the held-out
+        distilled = run_distill(model, original, train.images, adapter, probe, distill, device=dev,
+                                progress=progress)
+        kept = max((e for e in distilled if e.best), key=lambda e: e.epoch)
+        measure(f"distilled (epoch {kept.epoch} of {len(distilled) - 1} kept)", sum(e.seconds for e in distilled))
     history: tuple[dict[str, Any], ...] = ()
     if finetune is not None:
         assert images is not None and test is not None
@@ -319,12 +353,14 @@ def retrofit(
     costs: tuple[GroupCost, ...] = ()
     if probe and costs_of_groups:
         costs = group_costs(model, original, tied.groups, probe)
-        log.info("what tying each group alone costs on the held-out images: " + ", ".join(
-            f"{c.group} KL {c.kl:.4f}" for c in sorted(costs, key=lambda c: -c.kl)[:5]) + (", ..." if len(costs) > 5
-                                                                                             else ""))
+        measure_name = "KL" if costs and costs[0].kind in ("classes", "pixels") else "error"
+        worst = sorted(costs, key=lambda c: -c.kl)
+        log.info("what tying each group alone costs on the held-out images: "
+                 + ", ".join(f"{c.group} {measure_name} {c.kl:.4f}" for c in worst[:5])
+                 + (", ..." if len(costs) > 5 else ""))
     return RetrofitReport(tied, tuple(steps), report, recalibrated, units, history, fit_n if fit else 0,
                           sum(len(b) for b in probe), time.perf_counter() - start, images.name if images else "",
-                          batchnorm=choice, costs=costs, statistics=statistics)
+                          batchnorm=choice, costs=costs, statistics=statistics, distillation=distilled)
 
 
 def fit_and_tie(model: nn.Module, plan: SharingPlan, data: ImageSource, config: FitConfig = FitConfig(), *,

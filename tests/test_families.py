@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 import kshare
 from kshare.analysis.calls import family_of
 from kshare.cli import app
-from kshare.errors import InspectError, ModelBuildError
+from kshare.errors import DataError, InputSizeError, InspectError, ModelBuildError
 from kshare.fit.outputs import BoxTally, take_apart
 from kshare.models.zoo import catalog, load_model, resolve
 
@@ -104,6 +104,16 @@ def test_example_inputs_say_how_a_model_is_called() -> None:
     assert by_default.inspection.sites == listed.inspection.sites and by_default.plan.groups == listed.plan.groups
     flow, _ = load_model("raft_small")
     assert kshare.analyze(flow, "stage", input_size=(3, 128, 128)).plan.groups
+    for empty in ((), ([],), {"images": None}):  # nothing to call the model with: said, not a crash
+        with pytest.raises(InputSizeError, match=r"example_inputs.*holds no tensor"):
+            kshare.analyze(model, "all", example_inputs=empty)
+
+
+def test_an_optical_flow_fit_is_refused_with_a_reason() -> None:
+    flow, _ = load_model("raft_small")
+    with pytest.raises(DataError, match="two image batches"):
+        kshare.retrofit(flow, "stage", torch.rand(4, 3, 64, 64))
+    assert kshare.plan_of(flow) is None  # refused before anything changed
 
 
 def test_matched_boxes_count_labels_overlap_and_scores() -> None:
@@ -211,3 +221,71 @@ def test_a_tied_segmentation_model_exports_with_shared_kernels_once(tmp_path: Pa
     with torch.no_grad():
         want = model.eval()(x)["out"]
     assert torch.allclose(torch.from_numpy(got), want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_tied_detector_exports_and_runs_in_onnx_runtime(tmp_path: Path) -> None:
+    """torchvision's own detector export (one image in, its boxes out) on a tied Faster R-CNN
+    with trained-like BatchNorm statistics and every box kept (random weights score all boxes
+    alike otherwise): shared kernels stored once, and ONNX Runtime finds the boxes PyTorch does."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from kshare.fit.batchnorm import recalibrate_on
+    from kshare.io.payload import state_bytes
+
+    torch.manual_seed(0)
+    model, _ = load_model("fasterrcnn_mobilenet_v3_large_320_fpn",
+                          {"min_size": 160, "max_size": 160, "box_score_thresh": 0.0, "num_classes": 5})
+    kshare.tie(model, "stage")
+    recalibrate_on(model, [torch.rand(4, 3, 160, 160, generator=torch.Generator().manual_seed(1))])
+    path = kshare.export_onnx(model, tmp_path / "det.onnx", input_size=(3, 160, 160))
+    assert path.stat().st_size / state_bytes(model.state_dict()) <= 1.05
+    session = ort.InferenceSession(str(path))
+    assert [o.name for o in session.get_outputs()] == ["boxes", "labels", "scores"]
+    tally = BoxTally()
+    for seed in range(2):  # the image size varies (dynamic height and width)
+        x = torch.rand(3, 160, 128 + 32 * seed, generator=torch.Generator().manual_seed(seed))
+        got = dict(zip(("boxes", "labels", "scores"), session.run(None, {"input": x.numpy()}), strict=True))
+        with torch.no_grad():
+            want = model.eval()([x])[0]
+        assert len(want["boxes"]) > 10
+        tally.add({k: torch.from_numpy(v) for k, v in got.items()}, want)
+        assert torch.allclose(torch.from_numpy(got["scores"]).sort().values, want["scores"].sort().values, atol=1e-4)
+    assert tally.agreement >= 0.95 and tally.iou / tally.matched >= 0.99  # near-tied scores may swap a box
+
+
+def test_a_timm_features_only_backbone_is_analysed_fitted_and_measured() -> None:
+    """timm's `features_only` backbones (a list of feature maps out): analysed by name, fitted from
+    images alone, and measured by the relative error of the maps, group by group."""
+    code, out, _ = cli("analyze", "timm:resnet18", "-k", "features_only=true", "-k", "out_indices=[2,3,4]",
+                       "-g", "stage", "--input-size", "3,32,32", "--json")
+    assert code == 0, out
+    totals = json.loads(out)["totals"]
+    assert totals["params_after"] < totals["params_before"]
+    from kshare.fit.batchnorm import recalibrate_on
+    from kshare.fit.fidelity import measure_fidelity
+
+    torch.manual_seed(0)
+    model, _ = load_model("timm:resnet18", {"features_only": True, "out_indices": (2, 3, 4), "zero_init_last": False})
+    images = torch.rand(24, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    recalibrate_on(model, [images])  # trained-like statistics: random ones make every block an identity
+    original = copy.deepcopy(model).eval()
+    assert measure_fidelity(original, original, [images[:4]]).output_error == 0.0
+    report = kshare.retrofit(model, "stage", images, held_out=8, fit=kshare.FitConfig(recalibrate=False))
+    fidelity = report.steps[-1].fidelity
+    assert fidelity is not None and fidelity.kind == "features" and fidelity.kl == fidelity.output_error > 0.0
+    assert "output error" in fidelity.line() and "top-1" not in fidelity.line()
+    assert [c.kind for c in report.costs] == ["features"] * len(report.plan.groups)
+    assert all(c.kl > 0.0 and c.top1 == 0.0 for c in report.costs)  # no decisions, so no agreement taken
+
+
+def test_the_costs_table_names_what_was_measured() -> None:
+    from kshare.cli.report import costs_table
+
+    def header(kind: str) -> list[str]:
+        cost = {"group": "g0", "params_saved": 1000, "kl": 0.5, "top1": 0.25, "kind": kind}
+        return [str(c.header) for c in costs_table([cost]).columns]
+
+    assert header("classes")[2:4] == ["KL added", "top-1 agreement taken"]
+    assert header("pixels")[2:4] == ["KL added", "pixel agreement taken"]
+    assert header("boxes")[2:] == ["feature error added", "box agreement taken", "feature error per M saved"]
+    assert header("features")[2:] == ["output error added", "output error per M saved"]

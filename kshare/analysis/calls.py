@@ -52,7 +52,7 @@ def example_call(model: nn.Module, input_size: tuple[int, ...], example_inputs: 
     `example_inputs` is the arguments, anything else (a tensor, a list) the one argument."""
     if example_inputs is not None:
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        if not args or not any(isinstance(t, torch.Tensor) for t in _tensors(args)):
+        if not args or not any(isinstance(t, torch.Tensor) for t in tensors_of(args)):
             raise InputSizeError(f"{param('example_inputs')} holds no tensor: give a tensor, a tuple of the "
                                  "model's arguments, or a list of images")
         return args
@@ -65,13 +65,16 @@ def example_call(model: nn.Module, input_size: tuple[int, ...], example_inputs: 
     return (x,)
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
+def tensors_of(value: Any) -> list[torch.Tensor]:
+    """Every tensor of a nested value (tensors, tuples, lists, dicts, an output with `.logits`), in order."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
+        return [t for v in value for t in tensors_of(v)]
     if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
+        return [t for v in value.values() for t in tensors_of(v)]
+    if hasattr(value, "logits"):
+        return tensors_of(value.logits)
     return []
 
 
@@ -81,5 +84,5 @@ def size_of_call(args: tuple[Any, ...]) -> tuple[int, ...]:
     first = args[0]
     if isinstance(first, torch.Tensor):
         return tuple(first.shape[1:])
-    return tuple(_tensors(first)[0].shape) if isinstance(first, (list, tuple)) and _tensors(first) \
-        else tuple(_tensors(args)[0].shape[1:])
+    return tuple(tensors_of(first)[0].shape) if isinstance(first, (list, tuple)) and tensors_of(first) \
+        else tuple(tensors_of(args)[0].shape[1:])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import fnmatch
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from torch import nn
 
-from kshare.analysis.inspect import METHODS, inspect_model
+from kshare.analysis.inspect import METHODS, inspect_model, parse_input_size
 from kshare.analysis.signature import MATCH_MODES
 from kshare.api import Analysis, tie
 from kshare.api import analyze as analyze_model
@@ -52,16 +52,24 @@ from kshare.cli.app import (
     with_feed_options,
 )
 from kshare.cli.progress import progress_bars
-from kshare.cli.report import analysis_json, render_analysis, render_applied, render_info, render_retrofit
+from kshare.cli.report import (
+    analysis_json,
+    render_analysis,
+    render_applied,
+    render_info,
+    render_onnx_info,
+    render_retrofit,
+)
 from kshare.cli.report import size as size_text
 from kshare.data import decoding_for, load_data
 from kshare.errors import DataError, ExportError, KShareError, PlanError
 from kshare.fit.config import FitConfig
 from kshare.io.checkpoint import load, save, summarize
+from kshare.io.deployed import deployed_cost, example_shape, measure_session, onnxruntime_available, summarize_onnx
 from kshare.io.onnx_export import export_onnx
 from kshare.io.safetensors_io import export_safetensors
 from kshare.kernels import INITS
-from kshare.models.zoo import catalog, default_input_size, load_model, parse_kwargs
+from kshare.models.zoo import catalog, default_input_size, load_model, parse_kwargs, spec_of
 from kshare.planning.config import POLICY_HELP, BudgetConfig, SharingConfig, parse_config
 from kshare.planning.plan import SharingPlan
 from kshare.planning.relaxation import RELAX_HELP
@@ -259,13 +267,24 @@ def apply(
 @app.command()
 @one_line_errors
 def info(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `kshare apply` or kshare.save.")],
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint written by `kshare apply` or kshare.save, or an "
+                                                    "ONNX file `kshare export` wrote.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    input_size: InputSizeOpt = None,
 ) -> None:
-    """Show a checkpoint's source, plan, groups and parameter and byte figures."""
-    summary = summarize(checkpoint)
+    """Show a checkpoint's source, plan, groups and parameter and byte figures; for an ONNX file,
+    its bytes, shared kernels and (with onnxruntime) the memory and latency of a default session."""
+    if checkpoint.suffix.lower() == ".onnx":
+        summary = summarize_onnx(checkpoint)
+        if onnxruntime_available():
+            size = parse_input_size(input_size) if input_size is not None else (3, 224, 224)
+            summary["session"] = asdict(measure_session(checkpoint, example_shape(summary, size)))
+    else:
+        summary = summarize(checkpoint)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
+    elif "nodes" in summary:
+        render_onnx_info(summary, Console())
     else:
         render_info(summary, Console())
 
@@ -295,6 +314,9 @@ def export(
         str | None, typer.Option(help="Architecture to load into, for checkpoints of models kshare cannot rebuild.")
     ] = None,
     trust_code: TrustOpt = False,
+    measure: Annotated[bool, typer.Option(
+        help="With onnxruntime installed, open the ONNX file in a default session and print its resident memory "
+             "and latency, against the same model untied (exported to a temporary file).")] = True,
 ) -> None:
     """Export a checkpoint to ONNX and/or safetensors, keeping shared tensors shared."""
     if onnx is None and safetensors is None:
@@ -320,6 +342,10 @@ def export(
             found = export_int8(net, onnx, calibration, calib_images=calib_images, held_out=held_out,
                                 input_size=input_size)
         console.print(found.line())
+        if measure and onnxruntime_available():
+            with Console(stderr=True).status("measuring an ONNX Runtime session…"):
+                session = measure_session(onnx, example_shape(summarize_onnx(onnx), _example_size(net, input_size)))
+            console.print(f"int8 {session.line()} (default session, one thread)")
     elif onnx is not None:
         try:
             with Console(stderr=True).status("exporting ONNX…"):
@@ -328,10 +354,21 @@ def export(
             console.print(f"wrote {onnx} ({size_text(onnx.stat().st_size)})"
                           + ("; shared kernels are graph inputs with stored values: ONNX Runtime keeps one copy of "
                              "each (and warns that it will not fold them)" if shared and keep_shared else ""))
+            if measure and onnxruntime_available():
+                with Console(stderr=True).status("measuring ONNX Runtime sessions, tied and untied…"):
+                    cost = deployed_cost(net, onnx, example_shape(summarize_onnx(onnx), _example_size(net, input_size)),
+                                         input_size=input_size, opset=opset, keep_shared=keep_shared)
+                console.print(cost.line())
+            elif measure:
+                console.print("session memory not measured: pip install onnxruntime to have it measured")
         except KShareError as exc:
             failed.append(str(exc))
     if failed:
         raise ExportError("; ".join(failed))
+
+
+def _example_size(net: nn.Module, input_size: str | None) -> tuple[int, ...]:
+    return parse_input_size(input_size) if input_size is not None else default_input_size(net, spec_of(net))
 
 
 @app.command("fold")

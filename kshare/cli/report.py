@@ -14,7 +14,7 @@ from rich.table import Table
 from kshare.analysis.signature import Signature
 from kshare.api import Analysis
 from kshare.fit.blocks import UnitReconstruction
-from kshare.fit.fidelity import kl_per_million
+from kshare.fit.fidelity import Fidelity, kl_per_million
 from kshare.fit.order import FitReport
 from kshare.planning.plan import SharingPlan
 from kshare.retrofit import RetrofitReport
@@ -193,25 +193,44 @@ def render_retrofit(report: RetrofitReport, console: Console) -> None:
         console.print(f"{step.name}: " + "; ".join(parts))
     if report.batchnorm is not None:
         console.print(report.batchnorm.line())
+    if report.distillation:
+        kept = max((e for e in report.distillation if e.best), key=lambda e: e.epoch)
+        measure = "KL" if kept.fidelity.kind in ("classes", "pixels") else "error"
+        console.print(f"distillation, held-out {measure} by epoch: "
+                      + " → ".join(f"{e.fidelity.kl:.4f}{'*' if e is kept else ''}" for e in report.distillation)
+                      + f" (epoch 0: before; * kept, epoch {kept.epoch})")
     if report.costs:
         console.print(costs_table([dataclasses.asdict(c) for c in report.costs]))
     if not report.held_out_images:
         console.print("fidelity not measured: no image of the data was left to hold out (--held-out)")
 
 
+COST_COLUMNS = {  # what `GroupCost.kl` and `.top1` are, by the kind of output measured (`Fidelity.kind`)
+    "classes": ("KL added", "top-1 agreement taken"),
+    "pixels": ("KL added", "pixel agreement taken"),
+    "boxes": ("feature error added", "box agreement taken"),
+    "features": ("output error added", ""),  # no decisions: nothing to agree on
+}
+
+
 def costs_table(costs: Sequence[dict[str, Any]]) -> Table:
     """What tying each group alone costs on the held-out images, the worst bargain first (the
-    order a fidelity search leaves groups untied in)."""
+    order a fidelity search leaves groups untied in). Columns are named for what was measured:
+    on a detector the smooth measure is the feature error, not a KL."""
+    kind = str(costs[0].get("kind") or "classes") if costs else "classes"
+    added, taken = COST_COLUMNS.get(kind, COST_COLUMNS["classes"])
+    per = added.removesuffix(" added")
     table = Table(title="What tying each group alone costs (held-out images)", title_justify="left")
-    for column in ("group", "params saved", "KL added", "top-1 agreement taken", "KL per M saved"):
+    for column in ("group", "params saved", added, *([taken] if taken else []), f"{per} per M saved"):
         table.add_column(column, justify="left" if column == "group" else "right")
 
     def per_million(c: dict[str, Any]) -> float:  # the record's figures: a file may hold anything
         return kl_per_million(float(c.get("kl") or 0.0), int(c.get("params_saved") or 0))
 
     for c in sorted(costs, key=lambda c: -per_million(c)):
+        agreement = [f"{float(c.get('top1') or 0):.1%}"] if taken else []
         table.add_row(str(c.get("group")), f"{int(c.get('params_saved') or 0):,}", f"{float(c.get('kl') or 0):.4f}",
-                      f"{float(c.get('top1') or 0):.1%}", f"{per_million(c):.3g}")
+                      *agreement, f"{per_million(c):.3g}")
     return table
 
 
@@ -249,6 +268,35 @@ def render_reconstruction(units: Sequence[UnitReconstruction], console: Console)
                   + (f"; {len(undone)} unit(s) undone (their steps made the network's output worse)" if undone else ""))
 
 
+def fidelity_line(record: dict[str, Any]) -> str:
+    """A checkpoint's fidelity record in `Fidelity.line`'s words (its kind decides them); a record
+    from another version, missing fields, in the classifier's."""
+    known = {f.name for f in dataclasses.fields(Fidelity)}
+    try:
+        return Fidelity(**{k: v for k, v in record.items() if k in known}).line()
+    except (TypeError, ValueError):
+        nan = float("nan")
+        return (f"top-1 agreement {record.get('top1', nan):.1%}, top-5 {record.get('top5', nan):.1%}, "
+                f"KL {record.get('kl', nan):.4f} on {record.get('images', '?')} held-out images")
+
+
+def render_onnx_info(summary: dict[str, Any], console: Console) -> None:
+    """`kshare info FILE.onnx`: bytes, shared kernels, inputs, and the measured session."""
+    console.print(f"[bold]{summary['path']}[/]  {size(summary['file_bytes'])}  (ONNX opset {summary['opset']}, "
+                  f"{summary['nodes']} nodes)")
+    console.print(f"initializers: {summary['initializers']} ({size(summary['initializer_bytes'])}, each stored once); "
+                  f"{summary['shared_kernels']} kernels read by several nodes, {summary['kept_shared']} of them "
+                  "kept as graph inputs so that ONNX Runtime keeps one copy")
+    console.print("inputs: " + ", ".join(f"{i['name']} {i['shape']}" for i in summary["inputs"])
+                  + "; outputs: " + ", ".join(summary["outputs"]))
+    session = summary.get("session")
+    if session:
+        console.print(f"ONNX Runtime default session: +{size(session['memory_bytes'])} resident, "
+                      f"{session['latency_s'] * 1e3:.1f} ms per example (one thread)")
+    else:
+        console.print("session not measured: pip install onnxruntime to have it measured")
+
+
 def render_info(summary: dict[str, Any], console: Console) -> None:
     """`kshare info`: source, plan, figures, groups."""
     console.print(f"[bold]{summary['path']}[/]  {size(summary['file_bytes'])}  "
@@ -269,9 +317,7 @@ def render_info(summary: dict[str, Any], console: Console) -> None:
         fidelity = last.get("fidelity") or {}
         line = f"retrofit on {retrofit.get('data') or '?'}: after {last.get('name', '?')}"
         if fidelity:
-            line += (f", top-1 agreement {fidelity.get('top1', float('nan')):.1%}, top-5 "
-                     f"{fidelity.get('top5', float('nan')):.1%}, KL {fidelity.get('kl', float('nan')):.4f} on "
-                     f"{fidelity.get('images', '?')} held-out images")
+            line += ", " + fidelity_line(fidelity)
         if isinstance(last.get("accuracy"), float):
             line += f", test acc {last['accuracy']:.4f}"
         console.print(line)

@@ -67,6 +67,7 @@ from kshare.search import Target, search_plan
 from kshare.surgery.tie import plan_of
 from kshare.sweep import SweepConfig, aggregate, pareto, run_sweep
 from kshare.training.config import TrainConfig
+from kshare.training.distill import DistillConfig
 from kshare.training.evaluate import check_classes, choose_eval_setup, evaluate
 from kshare.training.loop import finetune as run_finetune
 from kshare.training.resume import resume_state
@@ -385,6 +386,16 @@ def retrofit(
     warmup: WarmupOpt = 0.0,
     feature_weight: FeatureWeightOpt = 0.0,
     batch_size: Annotated[int, typer.Option(help="Fine-tune images per step.", rich_help_panel=FINETUNE)] = 128,
+    distill_epochs: Annotated[int, typer.Option(
+        help="Label-free recovery after the fit: epochs of distillation from the untied model on --data's images "
+             "(random resized crops and flips; no labels needed), fidelity on the held-out images after each, the "
+             "best epoch kept (0: none).", rich_help_panel=FINETUNE)] = 0,
+    distill_lr: Annotated[float, typer.Option(help="Learning rate of --distill-epochs.",
+                                              rich_help_panel=FINETUNE)] = 1e-4,
+    distill_batch: Annotated[int, typer.Option(help="Images per step of --distill-epochs.",
+                                               rich_help_panel=FINETUNE)] = 32,
+    patience: Annotated[int, typer.Option(help="--distill-epochs stops after this many epochs without a better "
+                                               "held-out fidelity.", rich_help_panel=FINETUNE)] = 3,
     limit_train: LimitOpt = None,
     limit_test: LimitOpt = None,
     device: DeviceOpt = None,
@@ -425,6 +436,12 @@ def retrofit(
         raise SearchError("--plot draws a --target search: give --target too")
     if feature_weight and not epochs:
         raise TrainingError("--feature-weight shapes the fine-tune: give --epochs too")
+    if distill_epochs < 0:
+        raise TrainingError(f"--distill-epochs must be 0 or more, got {distill_epochs}")
+    if distill_epochs and goal is not None:
+        raise SearchError("--target searches fitted plans without training: drop --distill-epochs")
+    distill_config = DistillConfig(epochs=distill_epochs, lr=distill_lr, batch_size=distill_batch, patience=patience,
+                                   seed=seed) if distill_epochs else None
     # checked before the fit, so that a bad fine-tune option costs nothing
     train_config = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, distill=distill, seed=seed,
                                image_size=image_size, warmup_epochs=warmup, feature_weight=feature_weight
@@ -437,8 +454,8 @@ def retrofit(
     size = decoding_for(net, image_size)
     train_data = load_data(data, "train", data_root, size)
     if train_config is not None and not train_data.labelled:
-        raise TrainingError(f"{data} has no labels: --epochs fine-tunes on labels; the fit, BatchNorm and "
-                            "fidelity need none (drop --epochs)")
+        raise TrainingError(f"{data} has no labels: --epochs fine-tunes on labels; the fit, BatchNorm, "
+                            "fidelity and --distill-epochs (label-free distillation) need none")
     if limit_train is not None:
         train_data = train_data.subset(_limit(limit_train, "--limit-train"))
     test_data = None
@@ -454,7 +471,8 @@ def retrofit(
             net, report = search.model, search.retrofit
         else:
             report = run_retrofit(net, request.config(), train_data, fit=config, recalibrate=recal,
-                                  finetune=train_config, test=test_data, held_out=held_out, image_size=image_size,
+                                  finetune=train_config, distill=distill_config, test=test_data, held_out=held_out,
+                                  image_size=image_size,
                                   input_size=request.input_size, device=device, out=out, progress=progress)
     if train_config is None:
         extra = {"retrofit": report.record()} | ({"search": search.record()} if search is not None else {})

@@ -175,6 +175,7 @@ class GroupCost:
     params_saved: int
     kl: float
     top1: float
+    kind: str = "classes"  # as `Fidelity.kind`: on boxes and features, `kl` is the feature (else output) error
 
     @property
     def kl_per_million(self) -> float:
@@ -228,5 +229,6 @@ def group_costs(model: nn.Module, original: nn.Module, groups: Sequence[Any], ba
     for group in groups:
         with computing_as(subject, model, group.members):
             alone = measure_fidelity(subject, original, batches)
-        costs.append(GroupCost(group.name, group.params_saved, alone.kl, 1.0 - alone.top1))
+        taken = 1.0 - alone.top1 if alone.kind != "features" else 0.0  # features: no decisions to agree on
+        costs.append(GroupCost(group.name, group.params_saved, alone.kl, taken, alone.kind))
     return tuple(costs)

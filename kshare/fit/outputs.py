@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kshare.analysis.calls import tensors_of
+
 KINDS = ("classes", "pixels", "boxes", "features")
 MATCH_IOU = 0.5  # a retrofitted box counts as the original's when it overlaps it this much
 
@@ -39,16 +41,8 @@ class Reading:
 
 
 def tensors_in(value: Any) -> list[torch.Tensor]:
-    """Every floating tensor of a nested output, in order."""
-    if isinstance(value, torch.Tensor):
-        return [value.float()] if value.is_floating_point() else []
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in tensors_in(v)]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in tensors_in(v)]
-    if hasattr(value, "logits"):
-        return tensors_in(value.logits)
-    return []
+    """Every floating tensor of a nested output, in order, as float32 (labels and indices left out)."""
+    return [t.float() for t in tensors_of(value) if t.is_floating_point()]
 
 
 def _per_position(t: torch.Tensor) -> torch.Tensor | None:

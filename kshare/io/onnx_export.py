@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from kshare._files import atomic_write
+from kshare.analysis.calls import example_call, family_of
 from kshare.analysis.inspect import parse_input_size
 from kshare.errors import ExportError, first_line, param
 from kshare.io.payload import state_bytes
@@ -68,17 +69,48 @@ def keep_shared_in_sessions(path: Path) -> int:
     return len(names)
 
 
+def _io_names(model: nn.Module, args: tuple[Any, ...]) -> dict[str, Any]:
+    """Input/output names and dynamic axes: a batch of images in and out for most models; for a
+    detector (torchvision exports it with one image), the image's height and width vary, and so
+    does the number of detections in each output, named by its key (`boxes`, `scores`, ...: the
+    order differs between detectors, so it is read off one forward pass)."""
+    if family_of(model) == "detection" and len(args) == 1 and isinstance(args[0], list):
+        with torch.no_grad():
+            out = model(*args)
+        keys = list(out[0]) if isinstance(out, (list, tuple)) and out and isinstance(out[0], dict) else ["output"]
+        return {"input_names": ["input"], "output_names": keys,
+                "dynamic_axes": {"input": {1: "height", 2: "width"}, **{k: {0: "detections"} for k in keys}}}
+    return {"input_names": ["input"], "output_names": ["output"],
+            "dynamic_axes": {"input": {0: "batch"}, "output": {0: "batch"}}}
+
+
+def constants_only(path: Path) -> None:
+    """Drop the initializers of the ONNX file at `path` from its graph inputs: plain constants."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    initializers = {t.name for t in proto.graph.initializer}
+    kept = [i for i in proto.graph.input if i.name not in initializers]
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+    onnx.save(proto, str(path))
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
     input_size: Sequence[int] | str | None = None,
     opset: int = 17,
     keep_shared: bool = True,
+    deduplicate: bool = True,
 ) -> Path:
     """Write `model` (eval mode, batch dimension dynamic) as ONNX with shared initializers.
     `keep_shared`: list the shared kernels among the graph inputs, so that ONNX Runtime's
     default session keeps one copy of each (see the module; False: plain initializers, for a
     runtime that wants none among the inputs, and whose optimiser may then copy them).
+    `deduplicate`: PyTorch's exporter merges parameters of *equal value* into one initializer;
+    False keeps every parameter its own (an untied baseline whose copies happen to be equal,
+    as a folded tied model's are, must stay untied to be a baseline).
 
     A relaxed model keeps its structure in the graph (shared kernel, per-member scale and
     low-rank factors, a Mul/MatMul/Add per member), so the file stays as small as the checkpoint.
@@ -90,9 +122,7 @@ def export_onnx(
         raise ExportError(f"ONNX opset {opset!r} is not supported: expected {OPSETS[0]} to {OPSETS[1]} "
                           f"({param('opset')})")
     size = parse_input_size(input_size) if input_size is not None else default_input_size(model, spec_of(model))
-    ref = next(iter(model.parameters()), None)
-    x = torch.randn(1, *size, dtype=ref.dtype if ref is not None else torch.float32,
-                    device=ref.device if ref is not None else "cpu")
+    args = example_call(model, size)
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
 
@@ -102,14 +132,17 @@ def export_onnx(
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                names = _io_names(model, args)
                 torch.onnx.export(
-                    model, (x,), str(tmp), dynamo=False, opset_version=opset,
+                    model, args, str(tmp), dynamo=False, opset_version=opset,
                     # folding precomputes per member: every relaxed kernel, every BatchNorm folded into a
                     # tied kernel, each duplicating the shared tensor
                     do_constant_folding=plan_of(model) is None and not is_relaxed(model),
-                    input_names=["input"], output_names=["output"],
-                    dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                    keep_initializers_as_inputs=not deduplicate,  # the exporter's only way to skip its merge
+                    **names,
                 )
+            if not deduplicate:
+                constants_only(tmp)
             if keep_shared:
                 keep_shared_in_sessions(tmp)
             onnx.checker.check_model(str(tmp))
