@@ -119,3 +119,9 @@ def finite_number(name: str, value: object, low: float, high: float, low_open: b
     if not ok:
         left, right = "(" if low_open else "[", ")" if high_open else "]"
         raise TrainingError(f"{param(name)} must be a finite number in {left}{low:g}, {high:g}{right}, got {value!r}")
+
+
+def whole_number(name: str, value: object, low: int, high: int) -> None:
+    """A setting that must be a whole number in [low, high] (a `TrainingError` naming it otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise TrainingError(f"{param(name)} must be a whole number from {low:,} to {high:,}, got {value!r}")

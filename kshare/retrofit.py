@@ -41,7 +41,7 @@ from kshare.fit.batchnorm import (
 )
 from kshare.fit.blocks import UnitReconstruction
 from kshare.fit.config import FitConfig
-from kshare.fit.fidelity import Fidelity, GroupCost, group_costs, measure_fidelity
+from kshare.fit.fidelity import Fidelity, GroupCost, group_costs, measure_fidelity, smooth_measure
 from kshare.fit.order import FitReport, fit_kernels, output_metric, reconstruct_fitted
 from kshare.fit.statistics import fit_batches
 from kshare.kernels import FITTED
@@ -353,7 +353,7 @@ def retrofit(
     costs: tuple[GroupCost, ...] = ()
     if probe and costs_of_groups:
         costs = group_costs(model, original, tied.groups, probe)
-        measure_name = "KL" if costs and costs[0].kind in ("classes", "pixels") else "error"
+        measure_name = smooth_measure(costs[0].kind) if costs else "KL"
         worst = sorted(costs, key=lambda c: -c.kl)
         log.info("what tying each group alone costs on the held-out images: "
                  + ", ".join(f"{c.group} {measure_name} {c.kl:.4f}" for c in worst[:5])

@@ -14,7 +14,7 @@ from rich.table import Table
 from kshare.analysis.signature import Signature
 from kshare.api import Analysis
 from kshare.fit.blocks import UnitReconstruction
-from kshare.fit.fidelity import Fidelity, kl_per_million
+from kshare.fit.fidelity import Fidelity, kl_per_million, smooth_measure
 from kshare.fit.order import FitReport
 from kshare.planning.plan import SharingPlan
 from kshare.retrofit import RetrofitReport
@@ -195,7 +195,7 @@ def render_retrofit(report: RetrofitReport, console: Console) -> None:
         console.print(report.batchnorm.line())
     if report.distillation:
         kept = max((e for e in report.distillation if e.best), key=lambda e: e.epoch)
-        measure = "KL" if kept.fidelity.kind in ("classes", "pixels") else "error"
+        measure = smooth_measure(kept.fidelity.kind)
         console.print(f"distillation, held-out {measure} by epoch: "
                       + " → ".join(f"{e.fidelity.kl:.4f}{'*' if e is kept else ''}" for e in report.distillation)
                       + f" (epoch 0: before; * kept, epoch {kept.epoch})")

@@ -183,6 +183,12 @@ class GroupCost:
         return kl_per_million(self.kl, self.params_saved)
 
 
+def smooth_measure(kind: str) -> str:
+    """What `Fidelity.kl` (and `GroupCost.kl`) holds for outputs of `kind`: a KL for class and
+    pixel scores, a relative error (of the features, else the output) for the rest."""
+    return "KL" if kind in ("classes", "pixels") else "error"
+
+
 def kl_per_million(kl: float, params_saved: int) -> float:
     """`kl` per million parameters saved (a group that saves nothing ranks first, without a division by zero)."""
     return kl / max(params_saved / 1e6, 1e-9)

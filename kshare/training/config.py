@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from kshare._checks import finite_number
+from kshare._checks import finite_number, whole_number
 from kshare.data.datasets import MAX_IMAGE_SIZE
 from kshare.errors import TrainingError, param
 from kshare.training.precision import PRECISIONS
@@ -49,11 +49,11 @@ class TrainConfig:
             raise TrainingError(f"unknown optimizer {self.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
         if self.precision not in PRECISIONS:
             raise TrainingError(f"unknown precision {self.precision!r}: expected one of {', '.join(PRECISIONS)}")
-        _whole("epochs", self.epochs, 1, 1_000_000)
-        _whole("batch_size", self.batch_size, 1, 1 << 20)
-        _whole("seed", self.seed, 0, 2**63 - 1)
+        whole_number("epochs", self.epochs, 1, 1_000_000)
+        whole_number("batch_size", self.batch_size, 1, 1 << 20)
+        whole_number("seed", self.seed, 0, 2**63 - 1)
         if self.image_size is not None:
-            _whole("image_size", self.image_size, 1, MAX_IMAGE_SIZE)
+            whole_number("image_size", self.image_size, 1, MAX_IMAGE_SIZE)
         finite_number("lr", self.lr, 0.0, 1e3, low_open=True)
         finite_number("weight_decay", self.weight_decay, 0.0, 1e3)
         finite_number("momentum", self.momentum, 0.0, 1.0, high_open=True)
@@ -79,6 +79,3 @@ class TrainConfig:
         return tuple(f.name for f in fields(cls))
 
 
-def _whole(name: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise TrainingError(f"{param(name)} must be a whole number from {low:,} to {high:,}, got {value!r}")

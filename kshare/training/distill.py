@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kshare._checks import finite_number
+from kshare._checks import finite_number, whole_number
 from kshare.data.feed import Adapter
 from kshare.errors import TrainingError, param
 from kshare.fit.fidelity import Fidelity, measure_fidelity
@@ -52,10 +52,9 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name, low in (("epochs", 1), ("batch_size", 2), ("patience", 1), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise TrainingError(f"{param(name)} must be a whole number of at least {low}, got {value!r}")
+        for name, low, high in (("epochs", 1, 1_000_000), ("batch_size", 2, 1 << 20), ("patience", 1, 1_000_000),
+                                ("seed", 0, 2**63 - 1)):
+            whole_number(name, getattr(self, name), low, high)
         finite_number("lr", self.lr, 0.0, 1.0, low_open=True)
         finite_number("temperature", self.temperature, 0.0, 100.0, low_open=True)
         finite_number("crop_scale", self.crop_scale, 0.0, 1.0, low_open=True)
