@@ -127,3 +127,8 @@ def test_the_cli_retrofits_from_unlabelled_photos_with_distillation(tmp_path: Pa
     bad = CliRunner().invoke(app, ["retrofit", "resnet18", "--data", f"images:{folder}", "--distill-epochs", "-1",
                                    "--out", str(out)])
     assert bad.exit_code == 2 and bad.output.count("error:") == 1
+    for flags, named in ((["--distill-lr", "0"], "--distill-lr"), (["--distill-batch", "1"], "--distill-batch"),
+                         (["--patience", "0"], "--patience")):  # the distillation's own flags, not the fine-tune's
+        bad = CliRunner().invoke(app, ["retrofit", "resnet18", "--data", f"images:{folder}", "--distill-epochs", "2",
+                                       *flags, "--out", str(out)])
+        assert bad.exit_code == 2 and bad.output.count("error:") == 1 and named in bad.output, bad.output

@@ -358,6 +358,17 @@ def recalibrate(
                f"wrote {target}")
 
 
+def _distill_config(epochs: int, lr: float, batch: int, patience: int, seed: int) -> DistillConfig:
+    """`--distill-*`'s config; its errors name those flags, not the fine-tune's `--lr`/`--batch-size`."""
+    try:
+        return DistillConfig(epochs=epochs, lr=lr, batch_size=batch, patience=patience, seed=seed)
+    except TrainingError as exc:
+        message = str(exc)
+        for field, flag in (("lr", "distill_lr"), ("batch_size", "distill_batch"), ("epochs", "distill_epochs")):
+            message = message.replace(f"`{field}`", f"`{flag}`")
+        raise TrainingError(message) from None
+
+
 @app.command()
 @one_line_errors
 @with_plan_options
@@ -440,8 +451,8 @@ def retrofit(
         raise TrainingError(f"--distill-epochs must be 0 or more, got {distill_epochs}")
     if distill_epochs and goal is not None:
         raise SearchError("--target searches fitted plans without training: drop --distill-epochs")
-    distill_config = DistillConfig(epochs=distill_epochs, lr=distill_lr, batch_size=distill_batch, patience=patience,
-                                   seed=seed) if distill_epochs else None
+    distill_config = _distill_config(distill_epochs, distill_lr, distill_batch, patience, seed) if distill_epochs \
+        else None
     # checked before the fit, so that a bad fine-tune option costs nothing
     train_config = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, distill=distill, seed=seed,
                                image_size=image_size, warmup_epochs=warmup, feature_weight=feature_weight
