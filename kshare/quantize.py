@@ -113,7 +113,7 @@ def export_int8(model: nn.Module, path: str | Path, data: ImageSource, *, calib_
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"  # plain initializers: the quantiser reads graph inputs as activations
         export_onnx(model, fp32, input_size=input_size or tuple(batches[0].shape[1:]), opset=opset,
-                    keep_shared=False)
+                    form="plain")
         graph = onnx.load(str(fp32)).graph
         kernels, norms = shared_kernels(graph), _unfolded_batchnorms(graph)
         quantised = Path(tmp) / "int8.onnx"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import kshare
 import kshare.io.checkpoint
 import kshare.io.payload
 from kshare.cli import app
+from kshare.errors import ExportError
 from kshare.io.payload import state_bytes
 from kshare.models.zoo import load_model
 
@@ -107,14 +109,17 @@ def test_tensors_are_packed_into_one_storage_record_per_dtype(tmp_path: Path) ->
     _outputs_equal(model, loaded, (3, 32, 32))
 
 
-@pytest.mark.parametrize(("name", "policy", "relax", "size"), [
-    ("resnet18", "all", None, (3, 64, 64)),
-    ("kshare:convmixer_64_4", "all", None, (3, 32, 32)),
-    ("kshare:se_resnet_cifar_d2", "stage", "lora:2", (3, 32, 32)),
-    ("resnet18", None, None, (3, 64, 64)),  # untied: BatchNorm may be folded
+@pytest.mark.parametrize(("name", "policy", "relax", "size", "form"), [
+    ("resnet18", "all", None, (3, 64, 64), "affine"),
+    ("resnet18", "all", None, (3, 64, 64), "inputs"),
+    ("kshare:convmixer_64_4", "all", None, (3, 32, 32), "affine"),  # BatchNorm after GELU: nothing to rewrite
+    ("kshare:se_resnet_cifar_d2", "stage", "lora:2", (3, 32, 32), "affine"),  # factors stay graph inputs
+    ("kshare:se_resnet_cifar_d2", "stage", "lora:2", (3, 32, 32), "inputs"),
+    ("resnet18", None, None, (3, 64, 64), "affine"),  # untied: BatchNorm may be folded
 ])
 def test_onnx_export_of_trained_models_stores_each_kernel_once(tmp_path: Path, name: str, policy: str | None,
-                                                                relax: str | None, size: tuple[int, ...]) -> None:
+                                                                relax: str | None, size: tuple[int, ...],
+                                                                form: str) -> None:
     """With trained BatchNorm statistics (random init folds to nothing and hid this): the file is
     no larger than the unique tensors, each shared kernel is one initializer, and onnxruntime
     computes what PyTorch computes."""
@@ -126,7 +131,7 @@ def test_onnx_export_of_trained_models_stores_each_kernel_once(tmp_path: Path, n
     model = trained_bn(load_model(name)[0])
     if policy:
         kshare.tie(model, policy, init="mean", relax=relax, input_size=size)
-    path = kshare.export_onnx(model, tmp_path / "m.onnx", input_size=size)
+    path = kshare.export_onnx(model, tmp_path / "m.onnx", input_size=size, form=form)
     assert path.stat().st_size <= 1.05 * state_bytes(model.state_dict()) + 2**16
     initializers = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer]
     modules = dict(model.named_modules())
@@ -155,26 +160,38 @@ def test_onnx_export_of_trained_models_stores_each_kernel_once(tmp_path: Path, n
                     n.startswith(m + ".") for m in group.members)), group.name
 
 
-def test_onnx_export_without_keep_shared_is_what_ort_copies(tmp_path: Path) -> None:
-    """The trap `keep_shared` avoids, measured: plain initializers, and a default session folds
-    each conv's BatchNorm into a copy of the shared kernel."""
+def test_onnx_forms_against_the_copies_ort_makes_of_plain_initializers(tmp_path: Path) -> None:
+    """The trap the forms avoid, measured on what a default session keeps: plain initializers, and
+    ORT folds each conv's BatchNorm into a copy of the shared kernel; `affine` rewrites every
+    BatchNorm after a shared conv (none left for ORT to fold) and lists no kernel as an input;
+    `inputs` lists each shared kernel."""
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     from onnx import numpy_helper
 
     torch.manual_seed(0)
     model = kshare.tie(trained_bn(load_model("resnet18")[0]), "all", init="mean", input_size=(3, 64, 64))
-    held = {}
-    for keep in (True, False):
-        path = kshare.export_onnx(model, tmp_path / f"{keep}.onnx", input_size=(3, 64, 64), keep_shared=keep)
-        assert len(onnx.load(str(path)).graph.input) == (1 + len(kshare.plan_of(model).groups) if keep else 1)
+    groups = len(kshare.plan_of(model).groups)
+    held, nodes = {}, {}
+    for form in ("affine", "inputs", "plain"):
+        path = kshare.export_onnx(model, tmp_path / f"{form}.onnx", input_size=(3, 64, 64), form=form)
+        graph = onnx.load(str(path)).graph
+        assert len(graph.input) == (1 + groups if form == "inputs" else 1), form
+        nodes[form] = Counter(n.op_type for n in graph.node)
         options = ort.SessionOptions()
-        options.optimized_model_filepath = str(tmp_path / f"{keep}.optimized.onnx")
+        options.optimized_model_filepath = str(tmp_path / f"{form}.optimized.onnx")
         options.log_severity_level = 3
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        held[keep] = sum(numpy_helper.to_array(t).nbytes
+        held[form] = sum(numpy_helper.to_array(t).nbytes
                          for t in onnx.load(options.optimized_model_filepath).graph.initializer)
-    assert held[False] > 1.3 * held[True], held
+    members = sum(len(g.members) for g in kshare.plan_of(model).groups)
+    assert nodes["plain"]["BatchNormalization"] - nodes["affine"]["BatchNormalization"] == members, nodes
+    assert nodes["affine"]["Conv"] - nodes["plain"]["Conv"] == members
+    assert held["plain"] > 1.3 * held["affine"], held
+    assert held["plain"] > 1.3 * held["inputs"], held
+    with pytest.raises(ExportError, match="form"):
+        kshare.export_onnx(model, tmp_path / "x.onnx", input_size=(3, 64, 64), form="folded")
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_safetensors_loads_back_tied(tmp_path: Path) -> None:

@@ -79,11 +79,15 @@ def test_a_tied_session_is_measured_against_the_same_model_untied(tied: tuple[nn
 
 
 def test_an_onnx_file_is_summarised_and_its_session_measured(tied: tuple[nn.Module, Path]) -> None:
-    _, path = tied
+    model, path = tied
     summary = summarize_onnx(path)
     proto = onnx.load(str(path))
     assert summary["initializers"] == len(proto.graph.initializer) and summary["file_bytes"] == path.stat().st_size
-    assert summary["shared_kernels"] == summary["kept_shared"] > 0
+    members = sum(len(g.members) for g in kshare.plan_of(model).groups)
+    assert summary["shared_kernels"] == len(kshare.plan_of(model).groups) and summary["kept_shared"] == 0
+    assert summary["affine_batchnorms"] == members  # the default form: each member's BatchNorm a 1x1 conv
+    inputs = summarize_onnx(kshare.export_onnx(model, path.with_name("inputs.onnx"), input_size=SIZE, form="inputs"))
+    assert inputs["kept_shared"] == summary["shared_kernels"] and inputs["affine_batchnorms"] == 0
     assert summary["inputs"] == [{"name": "input", "shape": ["batch", *SIZE]}]
     assert example_shape(summary, SIZE) == (1, *SIZE)
     assert example_shape({"inputs": [{"name": "x", "shape": [3, "height", "width"]}]}, (3, 40, 48)) == (3, 40, 48)
@@ -92,7 +96,7 @@ def test_an_onnx_file_is_summarised_and_its_session_measured(tied: tuple[nn.Modu
     record = json.loads(out)
     assert record["session"]["memory_bytes"] > 0 and record["shared_kernels"] == summary["shared_kernels"]
     code, _, output = cli("info", path, "--input-size", "3,32,32")
-    assert code == 0 and "ONNX Runtime default session" in output and "kept as graph inputs" in output
+    assert code == 0 and "ONNX Runtime default session" in output and f"{members} member BatchNorms" in output
 
 
 def test_bad_files_and_missing_runtimes_say_so(tied: tuple[nn.Module, Path], tmp_path: Path,
@@ -113,6 +117,9 @@ def test_bad_files_and_missing_runtimes_say_so(tied: tuple[nn.Module, Path], tmp
     code, _, output = cli("export", checkpoint, "--onnx", tmp_path / "out.onnx", "--input-size", "3,32,32",
                           "--no-measure")
     assert code == 0 and "session" not in output.replace("sessions", "")
+    code, _, output = cli("export", checkpoint, "--onnx", tmp_path / "bad.onnx", "--form", "folded")
+    assert code == 2 and output.count("error:") == 1 and "--form" in output and "affine" in output, output
+    assert not (tmp_path / "bad.onnx").exists()
     monkeypatch.setattr("kshare.cli.plan_commands.onnxruntime_available", lambda: False)
     code, _, output = cli("export", checkpoint, "--onnx", tmp_path / "out.onnx", "--input-size", "3,32,32")
     assert code == 0 and "pip install onnxruntime" in output

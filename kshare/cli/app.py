@@ -65,7 +65,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 # Python parameters with a flag of the same name here (`image_size` → `--image-size`), and those whose flag differs.
 FLAGGED = frozenset("""alpha batch_size batchnorm budgets cache_memory calib_images channels_last fit_mode groups
     held_out clip_grad compile crop_pct data data_root device distill distill_batch distill_epochs distill_lr
-    epochs exclude feature_weight fit fit_cache
+    epochs exclude feature_weight fit fit_cache form
     fit_images image_size images include init input_size interpolation label_smoothing limit_test limit_train lr match
     max_trials mean min_size model momentum opset optimizer out patience plan precision reconstruct reconstruct_images
     relax resume seed seeds share_bias std target teacher teacher_weights temperature time_limit trust_code

@@ -297,10 +297,11 @@ def export(
     safetensors: Annotated[Path | None, typer.Option(help="Write safetensors here (shared tensors once).")] = None,
     input_size: InputSizeOpt = None,
     opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 17,
-    keep_shared: Annotated[bool, typer.Option(
-        help="List shared kernels among the ONNX graph's inputs (with their stored values), so ONNX Runtime's "
-             "default session keeps one copy of each; off: plain initializers (ORT then folds a copy per conv).")
-    ] = True,
+    form: Annotated[str, typer.Option(
+        help="How shared kernels are written so ONNX Runtime keeps one copy of each: affine (each member's "
+             "BatchNorm as its own depthwise 1x1 conv: the untied model's speed), inputs (shared kernels also graph "
+             "inputs: least memory, slower), plain (as PyTorch writes it: ORT folds a copy per conv).")
+    ] = "affine",
     int8: Annotated[bool, typer.Option(
         "--int8", help="Write the ONNX file as int8 (static, QDQ, per-channel weights), calibrated on --data's images "
                        "(no labels needed): one int8 tensor per shared kernel, checked; fidelity to the fp32 model on "
@@ -349,15 +350,13 @@ def export(
     elif onnx is not None:
         try:
             with Console(stderr=True).status("exporting ONNX…"):
-                export_onnx(net, onnx, input_size=input_size, opset=opset, keep_shared=keep_shared)
-            shared = plan_of(net) is not None
+                export_onnx(net, onnx, input_size=input_size, opset=opset, form=form)
             console.print(f"wrote {onnx} ({size_text(onnx.stat().st_size)})"
-                          + ("; shared kernels are graph inputs with stored values: ONNX Runtime keeps one copy of "
-                             "each (and warns that it will not fold them)" if shared and keep_shared else ""))
+                          + (f"; {FORM_LINES[form]}" if plan_of(net) is not None else ""))
             if measure and onnxruntime_available():
                 with Console(stderr=True).status("measuring ONNX Runtime sessions, tied and untied…"):
                     cost = deployed_cost(net, onnx, example_shape(summarize_onnx(onnx), _example_size(net, input_size)),
-                                         input_size=input_size, opset=opset, keep_shared=keep_shared)
+                                         input_size=input_size, opset=opset, form=form)
                 console.print(cost.line())
             elif measure:
                 console.print("session memory not measured: pip install onnxruntime to have it measured")
@@ -365,6 +364,15 @@ def export(
             failed.append(str(exc))
     if failed:
         raise ExportError("; ".join(failed))
+
+
+FORM_LINES = {
+    "affine": "shared kernels stored once, each member's BatchNorm its own 1x1 depthwise conv: ONNX Runtime keeps "
+              "one copy of each kernel on its fast path (--form inputs: less memory in ONNX Runtime, slower)",
+    "inputs": "shared kernels are graph inputs with stored values: ONNX Runtime keeps one copy of each (and warns "
+              "that it will not fold them), on its slower path",
+    "plain": "shared kernels as plain initializers: ONNX Runtime's default session folds a copy per conv",
+}
 
 
 def _example_size(net: nn.Module, input_size: str | None) -> tuple[int, ...]:

@@ -285,8 +285,9 @@ def render_onnx_info(summary: dict[str, Any], console: Console) -> None:
     console.print(f"[bold]{summary['path']}[/]  {size(summary['file_bytes'])}  (ONNX opset {summary['opset']}, "
                   f"{summary['nodes']} nodes)")
     console.print(f"initializers: {summary['initializers']} ({size(summary['initializer_bytes'])}, each stored once); "
-                  f"{summary['shared_kernels']} kernels read by several nodes, {summary['kept_shared']} of them "
-                  "kept as graph inputs so that ONNX Runtime keeps one copy")
+                  f"{summary['shared_kernels']} kernels read by several nodes ({summary['kept_shared']} of them "
+                  f"kept as graph inputs, {summary.get('affine_batchnorms', 0)} member BatchNorms written as 1x1 "
+                  "depthwise convs: the forms in which ONNX Runtime keeps one copy of each)")
     console.print("inputs: " + ", ".join(f"{i['name']} {i['shape']}" for i in summary["inputs"])
                   + "; outputs: " + ", ".join(summary["outputs"]))
     session = summary.get("session")

@@ -28,6 +28,7 @@ from typing import Any
 from torch import nn
 
 from kshare.errors import ExportError, first_line
+from kshare.io.onnx_export import AFFINE_SUFFIX, export_onnx
 from kshare.io.payload import state_bytes
 from kshare.surgery.fold import fold
 from kshare.surgery.tie import plan_of
@@ -138,8 +139,6 @@ def deployed_cost(model: nn.Module, path: str | Path, input_shape: tuple[int, ..
     """Measure the export of `model` at `path` and, when `model` is tied, the same model untied
     (a folded copy, every member's kernel its own initializer, exported with `export`'s options
     into a temporary file) side by side."""
-    from kshare.io.onnx_export import export_onnx  # the exporter imports this module's neighbours
-
     tied = measure_session(path, input_shape, runs=runs)
     if plan_of(model) is None:
         return DeployedCost(tied, None, state_bytes(model.state_dict()), state_bytes(model.state_dict()))
@@ -180,6 +179,7 @@ def summarize_onnx(path: str | Path) -> dict[str, Any]:
         "initializer_bytes": stored,
         "shared_kernels": len(shared),
         "kept_shared": sum(1 for i in graph.input if i.name in initializers),
+        "affine_batchnorms": sum(1 for n in graph.node if n.op_type == "Conv" and n.name.endswith(AFFINE_SUFFIX)),
         "inputs": [{"name": i.name, "shape": _shape(i)} for i in fed],
         "outputs": [o.name for o in graph.output],
     }
