@@ -179,10 +179,12 @@ def case_table(size: int, images: int, minutes: float) -> dict[str, Case]:
         "stage, seq, BN kept, unshared as trained": run("stage", track_batchnorm=False, compensate=False,
                                                         recalibrate=False),
         "stage, seq, --batchnorm measure": run("stage", batchnorm="measure"),
+        "stage, progressive, --batchnorm measure": run("stage", batchnorm="measure", mode="progressive"),
         "stage, seq, --batchnorm auto (the default)": run("stage", batchnorm="auto"),
         "stage, oneshot, BN kept": run("stage", mode="oneshot", track_batchnorm=False, recalibrate=False),
         "budget:0.95, seq, --batchnorm measure": run("budget:0.95", batchnorm="measure"),
         "budget:0.9, seq, --batchnorm measure": run("budget:0.9", batchnorm="measure"),
+        "budget:0.9, progressive, --batchnorm measure": run("budget:0.9", batchnorm="measure", mode="progressive"),
         "budget:0.8, seq, --batchnorm measure": run("budget:0.8", batchnorm="measure"),
         "stage, seq, --batchnorm measure, then --distill-epochs 4": run("stage", batchnorm="measure", distill=4),
         "budget:0.95, seq, --batchnorm measure, then int8 (--int8)": then_int8(run("budget:0.95", batchnorm="measure")),
@@ -197,7 +199,7 @@ def main() -> None:
     parser.add_argument("--crops", type=int, default=16, help="random crops per picture")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--images", type=int, default=512, help="fit images")
-    parser.add_argument("--cases", default="", help="';'-separated parts of case names (default: all)")
+    parser.add_argument("--cases", default="", help="';'-separated parts of case names, or whole names (default: all)")
     parser.add_argument("--no-int8", action="store_true")
     parser.add_argument("--minutes", type=float, default=15.0, help="time limit of each search case")
     args = parser.parse_args()
@@ -225,8 +227,9 @@ def main() -> None:
                          seconds / 60))
             print(f"int8: {found.line()} ({seconds:.0f} s)", flush=True)
         chosen = [c for c in args.cases.split(";") if c] or None
-        for name, go in case_table(args.size, args.images, args.minutes).items():
-            if chosen and not any(c in name for c in chosen):
+        table = case_table(args.size, args.images, args.minutes)
+        for name, go in table.items():  # a part that is a whole case name chooses that case alone
+            if chosen and not any(c == name or (c in name and c not in table) for c in chosen):
                 continue
             start = time.perf_counter()
             model = go(copy.deepcopy(base), fit, int8)

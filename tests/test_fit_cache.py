@@ -65,15 +65,18 @@ def lite0() -> nn.Module:
     return timm.create_model("tf_efficientnet_lite0", num_classes=10).eval()
 
 
-@pytest.mark.parametrize(("name", "policy", "size"), [("resnet18", "stage", 32), ("lite0", "stage", 64)])
-def test_cached_fit_gives_the_uncached_kernels(name: str, policy: str, size: int, request: pytest.FixtureRequest,
+@pytest.mark.parametrize(("name", "policy", "size", "mode"), [
+    ("resnet18", "stage", 32, "sequential"), ("lite0", "stage", 64, "sequential"),
+    ("resnet18", "stage", 32, "progressive"), ("lite0", "stage", 64, "progressive")])
+def test_cached_fit_gives_the_uncached_kernels(name: str, policy: str, size: int, mode: str,
+                                               request: pytest.FixtureRequest,
                                                caplog: pytest.LogCaptureFixture) -> None:
     model = request.getfixturevalue(name)
     data = _images(64, size)
     with caplog.at_level(logging.INFO, logger="kshare"):
-        cached, kept = _fit(model, policy, data, size)
+        cached, kept = _fit(model, policy, data, size, mode=mode)
     assert "kept in memory as float32" in caplog.text and kept == "in memory as float32"
-    uncached, kept = _fit(model, policy, data, size, cache=False)
+    uncached, kept = _fit(model, policy, data, size, cache=False, mode=mode)
     assert kept == "not cached: every pass from the input"
     assert _largest_change(cached, uncached) <= EXACT
     # and the fit changed something: the comparison is not of two untouched models

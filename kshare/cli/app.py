@@ -220,8 +220,10 @@ FitImagesOpt = Annotated[int, typer.Option("--fit-images", "--calib-images",
                                            help="Images a data fit reads (a seeded, class-balanced sample; "
                                                 "--calib-images is its old name).", rich_help_panel=FIT)]
 FitModeOpt = Annotated[str, typer.Option(help="sequential: groups fitted in network order on the partially tied "
-                                              "network (best); oneshot: all from one pass of the untied network "
-                                              "(fastest).", rich_help_panel=FIT)]
+                                              "network (best); progressive: the same member by member, the network "
+                                              "passed once (each group refitted as its members are reached); "
+                                              "oneshot: all from one pass of the untied network (fastest).",
+                                         rich_help_panel=FIT)]
 ReconstructOpt = Annotated[int, typer.Option(
     help="After the data fit: Adam steps per unit of blocks (the blocks a group spans) towards the untied "
          "network's outputs on the fit images; no labels (0: off; a few hundred recover much of what "

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from kshare._checks import finite_number
 from kshare.errors import TrainingError, param
 
-FIT_MODES = ("sequential", "oneshot")
+FIT_MODES = ("sequential", "progressive", "oneshot")
 WEIGHTINGS = ("relative", "none")
 
 

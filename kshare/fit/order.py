@@ -10,7 +10,17 @@ member of a group at once, so the least-squares problem sums over the members.
 - `sequential` (GPTQ's order): groups in network order, each fitted to the inputs of the
   *partially tied* network (earlier groups fitted, BatchNorm re-estimated) against the untied
   network's outputs (C = Σ x xᵀ̃), so each fit corrects what the ones before it changed instead
-  of compounding it. One paired, early-stopped pass per group.
+  of compounding it. One paired, early-stopped pass per group: a stage of four groups is run
+  about four times.
+- `progressive`: the same against-the-original fit, visited member by member in the order the
+  network runs them, so the cached streams move through the network once (each block about
+  twice: once to reach a member inside it, once to leave it). At each member its group is
+  refitted from the members reached so far, and that kernel goes into this member and every
+  member not reached yet, so later members see inputs made with it; members already passed
+  keep the kernel they ran with (what the cached streams hold of them, so cached and uncached
+  fits agree). The last member reached gives the group its final fit (with its relaxation).
+  Interleaved groups (a stage's first and second convs) are thus each fitted on inputs the
+  other's fit made.
 
 BatchNorm recalibration and block reconstruction come after this step; `kshare.retrofit` runs
 them in order.
@@ -37,7 +47,7 @@ from kshare.fit.batchnorm import batch_norms
 from kshare.fit.blocks import UnitReconstruction, held_out_images, reconstruct
 from kshare.fit.config import FitConfig
 from kshare.fit.solve import Fitted, GroupFit, assign, effective, fit_group, refit_layer, well_posed
-from kshare.fit.statistics import collect, fit_batches, supports
+from kshare.fit.statistics import Moments, collect, fit_batches, supports
 from kshare.fit.streams import paired_streams
 from kshare.kernels import FITTED
 from kshare.planning.plan import Group, SharingPlan
@@ -127,6 +137,15 @@ def fit_kernels(model: nn.Module, plan: SharingPlan, batches: Sequence[torch.Ten
         for group in readable:
             fits[group.name] = fit_group(group, [modules[m] for m in group.members], moments, centred, relaxation,
                                           plan.share_bias, config)
+    elif config.mode == "progressive":
+        work = copy.deepcopy(model)
+        steps = _steps(model, readable, batches[0], config.compensate)
+        if config.track_batchnorm:
+            unshared = [n for step in steps for n in step if n not in set(members)]
+            centred |= following_batchnorms(model, unshared, batches[0])
+        fits, refits, kept = _progressive(model, work, steps, readable, batches, config, centred, relaxation,
+                                          plan.share_bias, progress)
+        del work
     else:
         work = copy.deepcopy(model)  # the partially tied network: fitted kernels copied into each member
         units = _units(model, readable, batches[0], config.compensate)
@@ -187,22 +206,36 @@ def _sequential(model: nn.Module, work: nn.Module, units: list[Group | list[str]
                               task=f"statistics, {label}", forward=forward)
             with torch.no_grad():
                 if isinstance(unit, list):  # unshared layers after a tied group: refit to their original outputs
-                    for name in unit:
-                        if not well_posed(moments[name]):
-                            log.info(f"{name} keeps its weights: {moments[name].rows:,} samples are too few to "
-                                     f"refit its {moments[name].gram.shape[-1]:,} inputs")
-                            continue
-                        refits[name] = refit_layer(modules[name], moments[name], name in centred, config.damp)
-                        assign(work_modules[name], *refits[name])
+                    _refit_layers(unit, moments, modules, work_modules, centred, config.damp, refits)
                 else:
-                    fitted = fits[unit.name] = fit_group(unit, [modules[m] for m in unit.members], moments, centred,
-                                                          relaxation, share_bias, config)
-                    for i, name in enumerate(unit.members):
-                        assign(work_modules[name], effective(fitted, i, work_modules[name].weight.shape), fitted.bias)
+                    fits[unit.name] = _fit_into(unit, modules, work_modules, moments, centred, relaxation, share_bias,
+                                                config)
             elapsed = time.perf_counter() - start
             log.info(f"{label}: {sum(len(b) for b in batches):,} images, {elapsed:.1f} s, "
                      f"ETA {elapsed / (index + 1) * (len(units) - index - 1):.0f} s")
     return fits, refits, kept
+
+
+def _refit_layers(names: Sequence[str], moments: dict[str, Moments], modules: dict[str, nn.Module],
+                  work_modules: dict[str, nn.Module], centred: set[str], damp: float, refits: dict[str, Refit]) -> None:
+    """Unshared layers after a tied group refitted to their original outputs, into `refits` and the copy."""
+    for name in names:
+        if not well_posed(moments[name]):
+            log.info(f"{name} keeps its weights: {moments[name].rows:,} samples are too few to "
+                     f"refit its {moments[name].gram.shape[-1]:,} inputs")
+            continue
+        refits[name] = refit_layer(modules[name], moments[name], name in centred, damp)
+        assign(work_modules[name], *refits[name])
+
+
+def _fit_into(group: Group, modules: dict[str, nn.Module], work_modules: dict[str, nn.Module],
+              moments: dict[str, Moments], centred: set[str], relaxation: Relaxation, share_bias: bool,
+              config: FitConfig) -> Fitted:
+    """`group` fitted from its members' `moments`, each member of the copy given its kernel."""
+    fitted = fit_group(group, [modules[m] for m in group.members], moments, centred, relaxation, share_bias, config)
+    for i, name in enumerate(group.members):
+        assign(work_modules[name], effective(fitted, i, work_modules[name].weight.shape), fitted.bias)
+    return fitted
 
 
 def reconstruct_fitted(model: nn.Module, original: nn.Module, data: ImageData, batches: Sequence[torch.Tensor],
@@ -220,10 +253,8 @@ def reconstruct_fitted(model: nn.Module, original: nn.Module, data: ImageData, b
                        held_out=held_out, seed=config.seed, progress=progress)
 
 
-def _units(model: nn.Module, groups: list[Group], x: torch.Tensor, compensate: bool) -> list[Group | list[str]]:
-    """What a sequential fit visits, in execution order: each group, and (with `compensate`) the
-    unshared convolutions and linear layers that run after the first group, refitted so that what
-    the groups before them changed reaches the layers after them as little as possible."""
+def _execution_order(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Each layer a fit can read, by the order of its first call on `x`."""
     order: dict[str, int] = {}
     names = {m: n for n, m in model.named_modules() if supports(m)}
 
@@ -231,6 +262,83 @@ def _units(model: nn.Module, groups: list[Group], x: torch.Tensor, compensate: b
         order.setdefault(names[module], len(order))
 
     _probe(model, x[:1], [m.register_forward_pre_hook(seen) for m in names])
+    return order
+
+
+def _steps(model: nn.Module, groups: list[Group], x: torch.Tensor, compensate: bool) -> list[list[str]]:
+    """What a progressive fit visits, in execution order: each member alone, and (with
+    `compensate`) the runs of unshared layers after the first member, as `_units` has them."""
+    order = _execution_order(model, x)
+    grouped = {m for g in groups for m in g.members}
+    first = min((order[m] for m in grouped if m in order), default=len(order))
+    steps: list[list[str]] = []
+    for name in sorted(grouped | ({n for n in order if order[n] > first} if compensate else set()),
+                       key=lambda n: order.get(n, 0)):
+        if name not in grouped and steps and steps[-1][0] not in grouped:
+            steps[-1].append(name)
+        else:
+            steps.append([name])
+    return steps
+
+
+def _progressive(model: nn.Module, work: nn.Module, steps: list[list[str]], groups: list[Group],
+                 batches: Sequence[torch.Tensor], config: FitConfig, centred: set[str], relaxation: Relaxation,
+                 share_bias: bool, progress: ProgressFn | None) -> tuple[dict[str, Fitted], dict[str, Refit], str]:
+    """The progressive order (see the module) on the cached streams: like `_sequential`, with
+    one member, or one run of unshared layers, per step."""
+    modules, work_modules = dict(model.named_modules()), dict(work.named_modules())
+    group_of = {m: g for g in groups for m in g.members}
+    fits: dict[str, Fitted] = {}
+    refits: dict[str, Refit] = {}
+    reached: dict[str, Moments] = {}  # the moments of members whose group is not complete yet
+    start = time.perf_counter()
+    cached = paired_streams(model, work, batches, steps, config.cache_memory, progress) if config.cache \
+        else nullcontext(None)
+    with cached as streams:
+        kept = streams.folder.storage.describe() if streams is not None else \
+            "not cached: every pass from the input" + ("" if not config.cache else " (the model does not trace)")
+        for index, names in enumerate(steps):
+            group = group_of.get(names[0])
+            label = f"step {index + 1}/{len(steps)} ({', '.join(names)}{f' of {group.name}' if group else ''})"
+            forward = None
+            if streams is not None:
+                streams.reach(names, index > 0 and config.track_batchnorm, f"activations, {label}")
+                forward = streams.forward
+            moments = collect(work, names, batches, source=model, positions=config.positions, seed=config.seed,
+                              recalibrate=index > 0 and config.track_batchnorm, progress=progress,
+                              task=f"statistics, {label}", forward=forward)
+            with torch.no_grad():
+                if group is None:
+                    _refit_layers(names, moments, modules, work_modules, centred, config.damp, refits)
+                else:
+                    member = names[0]
+                    ahead = [m for m in group.members if m not in reached]  # this member and those after it
+                    reached[member] = moments[member]
+                    seen = [m for m in group.members if m in reached]
+                    shape = work_modules[member].weight.shape
+                    if len(seen) == len(group.members):  # the group's final fit
+                        fitted = fits[group.name] = fit_group(group, [modules[m] for m in seen], reached, centred,
+                                                              relaxation, share_bias, config)
+                        assign(work_modules[member], effective(fitted, seen.index(member), shape), fitted.bias)
+                        for name in seen:
+                            del reached[name]
+                    else:  # the kernel so far (no relaxation until every member is reached)
+                        partial = dataclasses.replace(group, members=tuple(seen), ranks=())
+                        fitted = fit_group(partial, [modules[m] for m in seen], reached, centred, Relaxation(),
+                                           share_bias, config)
+                        for name in ahead:
+                            assign(work_modules[name], fitted.weight.reshape(shape), fitted.bias)
+            elapsed = time.perf_counter() - start
+            log.info(f"{label}: {sum(len(b) for b in batches):,} images, {elapsed:.1f} s, "
+                     f"ETA {elapsed / (index + 1) * (len(steps) - index - 1):.0f} s")
+    return fits, refits, kept
+
+
+def _units(model: nn.Module, groups: list[Group], x: torch.Tensor, compensate: bool) -> list[Group | list[str]]:
+    """What a sequential fit visits, in execution order: each group, and (with `compensate`) the
+    unshared convolutions and linear layers that run after the first group, refitted so that what
+    the groups before them changed reaches the layers after them as little as possible."""
+    order = _execution_order(model, x)
     grouped = {m for g in groups for m in g.members}
     first = min((order[m] for m in grouped if m in order), default=len(order))
     layers = [n for n in order if n not in grouped and order[n] > first] if compensate else []

@@ -95,7 +95,7 @@ def patches(conv: nn.Module, x: torch.Tensor, positions: torch.Tensor | None = N
     inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
     flat = (ys.clamp(0, h - 1) * w + xs.clamp(0, w - 1)).reshape(-1)
     g = conv.groups
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() and g == 1:
         picked = x.permute(0, 2, 3, 1).reshape(n, h * w, c).index_select(1, flat).reshape(n, p, kh, kw, c)
         if not bool(inside.all()):
             picked = picked * inside[None, ..., None]
