@@ -120,6 +120,9 @@ def test_bad_files_and_missing_runtimes_say_so(tied: tuple[nn.Module, Path], tmp
     code, _, output = cli("export", checkpoint, "--onnx", tmp_path / "bad.onnx", "--form", "folded")
     assert code == 2 and output.count("error:") == 1 and "--form" in output and "affine" in output, output
     assert not (tmp_path / "bad.onnx").exists()
+    code, _, output = cli("export", checkpoint, "--onnx", tmp_path / "bad.onnx", "--int8", "--data",
+                          f"images:{tmp_path}", "--form", "inputs")
+    assert code == 2 and output.count("error:") == 1 and "--int8 writes its own" in output, output
     monkeypatch.setattr("kshare.cli.plan_commands.onnxruntime_available", lambda: False)
     code, _, output = cli("export", checkpoint, "--onnx", tmp_path / "out.onnx", "--input-size", "3,32,32")
     assert code == 0 and "pip install onnxruntime" in output

@@ -297,11 +297,12 @@ def export(
     safetensors: Annotated[Path | None, typer.Option(help="Write safetensors here (shared tensors once).")] = None,
     input_size: InputSizeOpt = None,
     opset: Annotated[int, typer.Option(help="ONNX opset version.")] = 17,
-    form: Annotated[str, typer.Option(
-        help="How shared kernels are written so ONNX Runtime keeps one copy of each: affine (each member's "
-             "BatchNorm as its own depthwise 1x1 conv: the untied model's speed), inputs (shared kernels also graph "
-             "inputs: least memory, slower), plain (as PyTorch writes it: ORT folds a copy per conv).")
-    ] = "affine",
+    form: Annotated[str | None, typer.Option(
+        help="How shared kernels are written so ONNX Runtime keeps one copy of each: affine (the default; each "
+             "member's BatchNorm as its own depthwise 1x1 conv: the untied model's speed), inputs (shared kernels "
+             "also graph inputs: least memory, slower), plain (as PyTorch writes it: ORT folds a copy per conv). "
+             "Not with --int8, which writes its own.", show_default=False)
+    ] = None,
     int8: Annotated[bool, typer.Option(
         "--int8", help="Write the ONNX file as int8 (static, QDQ, per-channel weights), calibrated on --data's images "
                        "(no labels needed): one int8 tensor per shared kernel, checked; fidelity to the fp32 model on "
@@ -327,6 +328,8 @@ def export(
                           "--data images:PATH")
     if data is not None and not int8:
         raise ExportError("--data calibrates an --int8 export: give --int8 too")
+    if int8 and form is not None:
+        raise ExportError("--form chooses how the fp32 ONNX file is written; --int8 writes its own: drop --form")
     net = load(checkpoint, load_model(model)[0] if model else None, trust_code=trust_code)
     console = Console()
     failed = []  # each file on its own: one that cannot be written does not stop the other
@@ -343,11 +346,12 @@ def export(
             found = export_int8(net, onnx, calibration, calib_images=calib_images, held_out=held_out,
                                 input_size=input_size)
         console.print(found.line())
-        if measure and onnxruntime_available():
+        if measure:  # onnxruntime is there: the int8 export needs it
             with Console(stderr=True).status("measuring an ONNX Runtime session…"):
-                session = measure_session(onnx, example_shape(summarize_onnx(onnx), _example_size(net, input_size)))
+                session = measure_session(onnx, _session_shape(onnx, net, input_size))
             console.print(f"int8 {session.line()} (default session, one thread)")
     elif onnx is not None:
+        form = form or "affine"
         try:
             with Console(stderr=True).status("exporting ONNX…"):
                 export_onnx(net, onnx, input_size=input_size, opset=opset, form=form)
@@ -355,8 +359,8 @@ def export(
                           + (f"; {FORM_LINES[form]}" if plan_of(net) is not None else ""))
             if measure and onnxruntime_available():
                 with Console(stderr=True).status("measuring ONNX Runtime sessions, tied and untied…"):
-                    cost = deployed_cost(net, onnx, example_shape(summarize_onnx(onnx), _example_size(net, input_size)),
-                                         input_size=input_size, opset=opset, form=form)
+                    cost = deployed_cost(net, onnx, _session_shape(onnx, net, input_size), input_size=input_size,
+                                         opset=opset, form=form)
                 console.print(cost.line())
             elif measure:
                 console.print("session memory not measured: pip install onnxruntime to have it measured")
@@ -375,8 +379,11 @@ FORM_LINES = {
 }
 
 
-def _example_size(net: nn.Module, input_size: str | None) -> tuple[int, ...]:
-    return parse_input_size(input_size) if input_size is not None else default_input_size(net, spec_of(net))
+def _session_shape(path: Path, net: nn.Module, input_size: str | None) -> tuple[int, ...]:
+    """What a session of the ONNX file at `path` is fed to be measured: its input's shape, with
+    the model's input size (or --input-size) where the file leaves a dimension open."""
+    size = parse_input_size(input_size) if input_size is not None else default_input_size(net, spec_of(net))
+    return example_shape(summarize_onnx(path), size)
 
 
 @app.command("fold")
