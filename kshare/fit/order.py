@@ -48,7 +48,7 @@ from kshare.fit.blocks import UnitReconstruction, held_out_images, reconstruct
 from kshare.fit.config import FitConfig
 from kshare.fit.solve import Fitted, GroupFit, assign, effective, fit_group, refit_layer, well_posed
 from kshare.fit.statistics import Moments, collect, fit_batches, supports
-from kshare.fit.streams import paired_streams
+from kshare.fit.streams import PairedStreams, paired_streams
 from kshare.kernels import FITTED
 from kshare.planning.plan import Group, SharingPlan
 from kshare.planning.relaxation import Relaxation
@@ -192,18 +192,10 @@ def _sequential(model: nn.Module, work: nn.Module, units: list[Group | list[str]
     cached = paired_streams(model, work, batches, names_of, config.cache_memory, progress) if config.cache \
         else nullcontext(None)
     with cached as streams:
-        kept = streams.folder.storage.describe() if streams is not None else \
-            "not cached: every pass from the input" + ("" if not config.cache else " (the model does not trace)")
+        kept = _where_kept(streams, config)
         for index, (unit, names) in enumerate(zip(units, names_of, strict=True)):  # in execution order
             label = f"unit {index + 1}/{len(units)} ({unit.name if isinstance(unit, Group) else ', '.join(names)})"
-            forward = None
-            if streams is not None:
-                streams.reach(names, index > 0 and config.track_batchnorm, f"activations, {label}")
-                forward = streams.forward
-            # what the fits before it changed reaches BatchNorm too: re-estimated in the same pass
-            moments = collect(work, names, batches, source=model, positions=config.positions, seed=config.seed,
-                              recalibrate=index > 0 and config.track_batchnorm, progress=progress,
-                              task=f"statistics, {label}", forward=forward)
+            moments = _moments_at(streams, model, work, names, batches, config, index > 0, label, progress)
             with torch.no_grad():
                 if isinstance(unit, list):  # unshared layers after a tied group: refit to their original outputs
                     _refit_layers(unit, moments, modules, work_modules, centred, config.damp, refits)
@@ -214,6 +206,28 @@ def _sequential(model: nn.Module, work: nn.Module, units: list[Group | list[str]
             log.info(f"{label}: {sum(len(b) for b in batches):,} images, {elapsed:.1f} s, "
                      f"ETA {elapsed / (index + 1) * (len(units) - index - 1):.0f} s")
     return fits, refits, kept
+
+
+def _where_kept(streams: PairedStreams | None, config: FitConfig) -> str:
+    """Where a sequential or progressive fit kept its activations, in words."""
+    if streams is not None:
+        return streams.folder.storage.describe()
+    return "not cached: every pass from the input" + ("" if not config.cache else " (the model does not trace)")
+
+
+def _moments_at(streams: PairedStreams | None, model: nn.Module, work: nn.Module, names: Sequence[str],
+                batches: Sequence[torch.Tensor], config: FitConfig, after_first: bool, label: str,
+                progress: ProgressFn | None) -> dict[str, Moments]:
+    """The moments of `names` in the partly tied `work` against `model`, both streams moved to the
+    cut before them first (when cached). After the first unit, what the fits before it changed
+    reaches BatchNorm too: re-estimated in the same pass."""
+    forward = None
+    recalibrate = after_first and config.track_batchnorm
+    if streams is not None:
+        streams.reach(names, recalibrate, f"activations, {label}")
+        forward = streams.forward
+    return collect(work, names, batches, source=model, positions=config.positions, seed=config.seed,
+                   recalibrate=recalibrate, progress=progress, task=f"statistics, {label}", forward=forward)
 
 
 def _refit_layers(names: Sequence[str], moments: dict[str, Moments], modules: dict[str, nn.Module],
@@ -295,18 +309,11 @@ def _progressive(model: nn.Module, work: nn.Module, steps: list[list[str]], grou
     cached = paired_streams(model, work, batches, steps, config.cache_memory, progress) if config.cache \
         else nullcontext(None)
     with cached as streams:
-        kept = streams.folder.storage.describe() if streams is not None else \
-            "not cached: every pass from the input" + ("" if not config.cache else " (the model does not trace)")
+        kept = _where_kept(streams, config)
         for index, names in enumerate(steps):
             group = group_of.get(names[0])
             label = f"step {index + 1}/{len(steps)} ({', '.join(names)}{f' of {group.name}' if group else ''})"
-            forward = None
-            if streams is not None:
-                streams.reach(names, index > 0 and config.track_batchnorm, f"activations, {label}")
-                forward = streams.forward
-            moments = collect(work, names, batches, source=model, positions=config.positions, seed=config.seed,
-                              recalibrate=index > 0 and config.track_batchnorm, progress=progress,
-                              task=f"statistics, {label}", forward=forward)
+            moments = _moments_at(streams, model, work, names, batches, config, index > 0, label, progress)
             with torch.no_grad():
                 if group is None:
                     _refit_layers(names, moments, modules, work_modules, centred, config.damp, refits)
