@@ -8,12 +8,14 @@ import copy
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 from typer.testing import CliRunner
 
 import kshare
 from kshare import FitConfig
 from kshare.cli import app
+from kshare.surgery.relax import is_relaxed
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -78,3 +80,58 @@ def test_cli_export_int8_and_its_errors(tied: nn.Module, tmp_path: Path) -> None
         assert not (tmp_path / "x.onnx").exists()
     code, out = run("export", checkpoint, "--onnx", tmp_path / "x.onnx", "--data", f"images:{pictures}")
     assert code == 2 and "--int8" in out, out
+
+
+def _fused_convs(path: Path, tmp: Path) -> int:
+    """How many of the int8 file's convs a default ONNX Runtime session runs as one fused int8 conv."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp / f"{path.stem}.optimised.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return sum(n.op_type == "QLinearConv" for n in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+@pytest.mark.parametrize("relax", [None, "scale"])
+def test_int8_members_fold_their_batchnorm_into_the_shared_int8_kernel(trained: nn.Module, digits,
+                                                                       tmp_path: Path, relax: str | None) -> None:
+    """Each member's BatchNorm (and scale relaxation) becomes its own scale vector on the one int8
+    kernel, negative factors included, so the tied model's convs fuse into int8 convs as the
+    untied model's do."""
+    from kshare.quantize import export_int8
+
+    train, _ = digits
+    untied = copy.deepcopy(trained)
+    gen = torch.Generator().manual_seed(0)
+    for m in untied.modules():
+        if isinstance(m, nn.BatchNorm2d):  # a trained network's BatchNorm scales some channels by a negative factor
+            m.weight.data *= torch.where(torch.rand(m.weight.shape, generator=gen) < 0.25, -1.0, 1.0)
+            m.weight.data[:2] = torch.tensor([0.0, 1e-9])  # channels switched off: their bias alone must survive
+            m.bias.data[:2] = 0.5
+    tied = kshare.tie(copy.deepcopy(untied), "all", input_size=(1, 8, 8), calib=train, fit=FitConfig(images=256),
+                      relax=relax)
+    assert is_relaxed(tied) == (relax is not None)
+    found = export_int8(tied, tmp_path / "tied.onnx", train, calib_images=256, held_out=256)
+    graph = onnx.load(str(found.path)).graph
+    assert not [n for n in graph.node if n.op_type == "BatchNormalization"]
+    initializers = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    shared = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) >= 3
+              and sum(t.name in n.input for n in graph.node) > 1}
+    assert len(shared) == found.shared_int8 == len(kshare.plan_of(tied).groups)
+    scales = [initializers[n.input[1]] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in shared]
+    assert any((s < 0).any() for s in scales) and all(s.all() for s in scales)
+    assert found.fidelity is not None and found.fidelity.top1 >= 0.9 and found.fidelity.kl < 0.01, found.fidelity
+    baseline = export_int8(untied, tmp_path / "untied.onnx", train, calib_images=256, held_out=0)
+    convs = sum(n.op_type == "Conv" for n in graph.node)
+    assert _fused_convs(found.path, tmp_path) == _fused_convs(baseline.path, tmp_path) == convs > 0
+
+
+def test_int8_export_refuses_low_rank_members_in_one_line(trained: nn.Module, tmp_path: Path) -> None:
+    from kshare.errors import ExportError
+    from kshare.quantize import export_int8
+
+    relaxed = kshare.tie(copy.deepcopy(trained), "all", relax="lora:2")
+    with pytest.raises(ExportError, match="lora") as caught:
+        export_int8(relaxed, tmp_path / "m.onnx", kshare.load_data("digits", "test"), calib_images=16, held_out=0)
+    assert "\n" not in str(caught.value) and not (tmp_path / "m.onnx").exists()
