@@ -188,13 +188,12 @@ def test_sequential_fits_the_tied_networks_inputs(digits, tmp_path: Path) -> Non
     for mode, tied in fits.items():
         # the second group's inputs in the tied network, the untied network's outputs as the target
         moments = collect(tied, names, batches, source=model, positions=10**6)
-        t_modules, modules = dict(tied.named_modules()), dict(model.named_modules())
+        t_modules = dict(tied.named_modules())
         err = 0.0
         for name in names:
             m = moments[name]
             shared = t_modules[name].weight.detach().float().reshape(1, 8, -1)
-            own = modules[name].weight.detach().float().reshape(1, 8, -1)
-            err += output_error(shared, own @ m.cross, m.gram, m.energy)
+            err += output_error(shared, m.pull, m.gram, m.energy)  # the pull: the untied weights' W C
         errors[mode] = err
     assert not torch.equal(fits["oneshot"].b[0].weight, fits["sequential"].b[0].weight)
     assert not torch.equal(fits["progressive"].b[0].weight, fits["sequential"].b[0].weight)
@@ -389,3 +388,36 @@ def test_layers_with_too_few_samples_keep_their_weights(trained: nn.Module, digi
     assert 8 < REFIT_ROWS_PER_INPUT * trained.head.in_features <= 256
     assert torch.equal(heads[8], trained.head.weight)  # kept as trained
     assert not torch.allclose(heads[256], trained.head.weight)  # refitted to its original outputs
+
+
+@pytest.mark.parametrize("centred", [False, True])
+def test_the_pull_is_the_untied_weights_times_the_cross_sums(centred: bool) -> None:
+    """The statistics keep W Σ x x̃ᵀ, summed as (W x) x̃ᵀ for a conv with fewer outputs than inputs
+    and as Σ x x̃ᵀ times W for the others: both equal W times the cross sums, centred too."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(8, 32, 1), nn.ReLU(), nn.Conv2d(32, 8, 3, stride=2, groups=8)).eval()
+    source = copy.deepcopy(net)
+    with torch.no_grad():
+        net[0].weight.mul_(0.7)  # the network being fitted sees other inputs than the untied one
+    batches = [torch.randn(4, 3, 10, 10), torch.randn(4, 3, 10, 10)]
+    names = ["2", "4", "6"]
+    moments = collect(net, names, batches, source=source, positions=10**6)
+    for name in names:
+        seen: dict[str, list[torch.Tensor]] = {"x": [], "tied": []}
+        for key, model in (("x", source), ("tied", net)):
+            layer = dict(model.named_modules())[name]
+            handle = layer.register_forward_pre_hook(lambda m, i, to=seen[key]: to.append(patches(m, i[0]).double()))
+            with torch.no_grad():
+                for b in batches:
+                    model(b)
+            handle.remove()
+        x, tied = torch.cat(seen["x"], -1), torch.cat(seen["tied"], -1)
+        layer = dict(source.named_modules())[name]
+        weight = layer.weight.detach().double().reshape(x.shape[0], -1, x.shape[1])
+        if centred:
+            x, tied = x - x.mean(-1, keepdim=True), tied - tied.mean(-1, keepdim=True)
+        expected = weight @ x @ tied.transpose(1, 2)
+        pull = (moments[name].centred() if centred else moments[name].raw())[1].double()
+        assert moments[name].cross is None
+        assert torch.allclose(pull, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max())), name

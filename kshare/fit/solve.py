@@ -65,21 +65,20 @@ def fit_group(group: Group, convs: list[nn.Module], moments: dict[str, Moments],
     together: a constant 1 is appended to every patch."""
     g = convs[0].groups
     stats = [moments[m].centred() if m in centred else moments[m].raw() for m in group.members]
-    grams, crosses, energies = [s[0] for s in stats], [s[1] for s in stats], [s[2] for s in stats]
+    grams, pulls, energies = [s[0] for s in stats], [s[1] for s in stats], [s[2] for s in stats]
     targets = [blocks(c.weight, g) for c in convs]
     has_bias = share_bias and all(c.bias is not None for c in convs)
     fit_bias = has_bias and not any(m in centred for m in group.members)
     mean = torch.stack(targets).mean(0)
     if fit_bias:
         aug = [augmented(moments[m], t, c.bias) for m, t, c in zip(group.members, targets, convs, strict=True)]
-        full_targets, full_crosses, full_grams = ([a[i] for a in aug] for i in range(3))
+        full_pulls, full_grams = [a[1] for a in aug], [a[2] for a in aug]
         energies = [a[3] for a in aug]
         mean_bias = torch.stack([c.bias.detach().float() for c in convs]).mean(0).reshape(g, -1, 1)
         prior = torch.cat([mean, mean_bias], -1)
     else:
-        full_targets, full_crosses, full_grams, prior = targets, crosses, grams, mean
+        full_pulls, full_grams, prior = pulls, grams, mean  # W_i C_i: the fit and its errors
     weights = [1.0 / max(e, 1e-30) if config.weighting == "relative" else 1.0 for e in energies]
-    full_pulls = [t @ c for t, c in zip(full_targets, full_crosses, strict=True)]  # W_i C_i: the fit and its errors
     solved = shared_fit(full_pulls, full_grams, weights, prior, config.damp).float()
     if fit_bias:
         kernel, bias = solved[..., :-1], solved[..., -1].reshape(-1)
@@ -92,8 +91,7 @@ def fit_group(group: Group, convs: list[nn.Module], moments: dict[str, Moments],
     loras: list[tuple[torch.Tensor, torch.Tensor] | None] = []
     after = 0.0
     ranks = group.ranks_under(relaxation)
-    for i, (t, c, h, rank) in enumerate(zip(targets, crosses, grams, ranks, strict=True)):
-        p = t @ c
+    for i, (t, p, h, rank) in enumerate(zip(targets, pulls, grams, ranks, strict=True)):
         if relaxation.scale:
             scale = scale_fit(kernel, p, h).float()
         else:
@@ -125,23 +123,22 @@ def fit_group(group: Group, convs: list[nn.Module], moments: dict[str, Moments],
 
 def augmented(m: Moments, target: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
                                                                               torch.Tensor, float]:
-    """Target, cross, gram and output energy with a constant input 1 appended to every patch, so a
+    """Target, pull, gram and output energy with a constant input 1 appended to every patch, so a
     bias is fitted with the kernel (per conv group: the bias of group g's rows sees its own 1)."""
-    gram, cross, energy = m.raw()
+    gram, pull, energy = m.raw()
     g, f = gram.shape[0], gram.shape[1]
     total = m.total.float()
-    source_total = total if m.source_total is None else m.source_total.float()
     big_gram = torch.zeros(g, f + 1, f + 1, dtype=gram.dtype, device=gram.device)
     big_gram[:, :f, :f], big_gram[:, :f, f], big_gram[:, f, :f], big_gram[:, f, f] = gram, total, total, m.rows
-    big_cross = torch.zeros_like(big_gram)
-    big_cross[:, :f, :f], big_cross[:, :f, f], big_cross[:, f, :f], big_cross[:, f, f] = \
-        cross, source_total, total, m.rows
     b = bias.detach().float().reshape(g, -1, 1).to(target.device)
-    # ‖W x + b‖² summed: the energy, twice b against Σ W x, and every row's b² once per patch
     outputs = m.energy_total if m.energy_total is not None else torch.zeros(b.shape[:2], dtype=torch.float64,
                                                                                      device=b.device)
-    energy += 2 * float((b[..., 0].double() * outputs.reshape(b.shape[:2])).sum()) + m.rows * float(b.square().sum())
-    return torch.cat([target, b], -1), big_cross, big_gram, energy
+    outputs = outputs.reshape(b.shape[:2])  # Σ W x, per output row
+    # [W b] times the cross sums with a 1 appended: W Σ x x̃ᵀ + b Σ x̃ᵀ, and Σ W x + b once per patch
+    big_pull = torch.cat([pull + b * total[:, None, :], outputs.float()[..., None] + m.rows * b], -1)
+    # ‖W x + b‖² summed: the energy, twice b against Σ W x, and every row's b² once per patch
+    energy += 2 * float((b[..., 0].double() * outputs).sum()) + m.rows * float(b.square().sum())
+    return torch.cat([target, b], -1), big_pull, big_gram, energy
 
 
 def effective(fitted: Fitted, index: int, shape: torch.Size) -> torch.Tensor:
@@ -173,11 +170,11 @@ def refit_layer(layer: nn.Module, moments: Moments, centred: bool, damp: float
     groups = getattr(layer, "groups", 1)
     target = blocks(layer.weight, groups)
     if layer.bias is not None and not centred:
-        aug_target, cross, gram, _ = augmented(moments, target, layer.bias)
-        solved = shared_fit([aug_target @ cross], [gram], [1.0], aug_target, damp).float()
+        aug_target, pull, gram, _ = augmented(moments, target, layer.bias)
+        solved = shared_fit([pull], [gram], [1.0], aug_target, damp).float()
         return solved[..., :-1].reshape(layer.weight.shape), solved[..., -1].reshape(layer.bias.shape)
-    gram, cross, _ = moments.centred() if centred else moments.raw()
-    return shared_fit([target @ cross], [gram], [1.0], target, damp).float().reshape(layer.weight.shape), None
+    gram, pull, _ = moments.centred() if centred else moments.raw()
+    return shared_fit([pull], [gram], [1.0], target, damp).float().reshape(layer.weight.shape), None
 
 
 def assign(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

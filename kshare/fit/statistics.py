@@ -4,10 +4,13 @@ For a member conv, `X` holds its input patches (one column per output position s
 unfolded window of its input, per conv group (a depthwise conv's "patch" is one channel's
 window). A pass over calibration images accumulates, per member, H = Σ x xᵀ (G × F × F), the
 patch sum Σ x and the row count; with a paired pass of a second network on the same images and
-positions (the untied original next to the partially tied copy), also C = Σ x xᵀ̃ and the
-energy ‖W X‖² of the original's outputs. Memory stays bounded: at most `positions` output
-positions per image and layer are sampled, and only the sums are kept (float32 like GPTQ's,
-with the patch sums and energies in float64).
+positions (the untied original next to the partially tied copy), also the pull P = W Σ x x̃ᵀ
+(G × O × F: the original member's outputs against the inputs it now sees, all a least-squares fit
+reads of the cross sums) and the energy ‖W X‖² of the original's outputs. P is summed as
+(W x) x̃ᵀ where a conv has fewer outputs than inputs (3x3 convs: a ninth of the multiply-adds of
+Σ x x̃ᵀ), else as Σ x x̃ᵀ and multiplied by W once at the end. Memory stays bounded: at most
+`positions` output positions per image and layer are sampled, and only the sums are kept
+(float32 like GPTQ's, with the patch sums and energies in float64).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import nn
 from kshare.data import Adapter, ImageData
 from kshare.errors import DataError
 from kshare.fit.batchnorm import batch_norms
+from kshare.kernels import blocks
 from kshare.progress import ProgressFn, report
 
 log = logging.getLogger(__name__)
@@ -142,28 +146,33 @@ class Moments:
     gram: torch.Tensor  # Σ x̃ x̃ᵀ: (G, F, F), the inputs the member sees in the network being fitted
     total: torch.Tensor  # Σ x̃: (G, F)
     rows: int = 0
-    cross: torch.Tensor | None = None  # Σ x x̃ᵀ, the untied network's inputs against them (None: the same)
+    pull: torch.Tensor | None = None  # W Σ x x̃ᵀ: (G, O, F), the original outputs against those inputs
     source_total: torch.Tensor | None = None  # Σ x
     energy: float = 0.0  # ‖W_i X‖²: the original member's output energy on its own inputs
-    energy_total: torch.Tensor | None = None  # Σ W_i x (per output row), to centre the energy
+    energy_total: torch.Tensor | None = None  # Σ W_i x (per output row), to centre the energy and the pull
+    cross: torch.Tensor | None = None  # Σ x x̃ᵀ while it is summed (wide convs), until `finish` makes it the pull
+
+    def finish(self, weight: torch.Tensor) -> None:
+        """The pull from the cross sums (or, with no second network, from the Gram), by the
+        original member's `weight` blocks (G, O, F)."""
+        if self.pull is None:
+            self.pull = weight @ (self.gram if self.cross is None else self.cross)
+        self.cross = None
 
     def centred(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(gram, cross, energy) about the means: what a following BatchNorm, which removes each
+        """(gram, pull, energy) about the means: what a following BatchNorm, which removes each
         channel's mean, lets matter."""
         mean = (self.total / max(self.rows, 1)).float()
         gram = self.gram - self.rows * mean[:, :, None] * mean[:, None, :]
-        if self.cross is None:
-            cross = gram
-        else:
-            source = (self.source_total / max(self.rows, 1)).float()  # type: ignore[operator]
-            cross = self.cross - self.rows * source[:, :, None] * mean[:, None, :]
-        energy = self.energy
-        if self.energy_total is not None:
-            energy -= float(self.energy_total.square().sum()) / max(self.rows, 1)
-        return gram, cross, energy
+        assert self.pull is not None and self.energy_total is not None, "moments read before they were finished"
+        outputs = self.energy_total.reshape(self.pull.shape[:2]).float()  # Σ W x, per output row
+        pull = self.pull - outputs[:, :, None] * mean[:, None, :]
+        energy = self.energy - float(self.energy_total.square().sum()) / max(self.rows, 1)
+        return gram, pull, energy
 
     def raw(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        return self.gram, self.gram if self.cross is None else self.cross, self.energy
+        assert self.pull is not None, "moments read before they were finished"
+        return self.gram, self.pull, self.energy
 
 
 @dataclass
@@ -294,15 +303,18 @@ def collect(model: nn.Module, members: Sequence[str], batches: Sequence[torch.Te
                 m.rows += p.shape[-1]
                 call = calls[name] = calls.get(name, -1) + 1
                 original = held[name][call] if name in held else p
-                weight = originals[name].weight.detach().float()
-                outputs = weight.reshape(p.shape[0], -1, p.shape[1]) @ original  # (G, O, R): W_i X
+                weight = blocks(originals[name].weight, p.shape[0])
+                outputs = weight @ original  # (G, O, R): W_i X
                 m.energy += float(outputs.square().sum(dtype=torch.float64))
                 row_sums = outputs.sum(-1).double()
                 m.energy_total = row_sums if m.energy_total is None else m.energy_total + row_sums
                 if source is not None:
-                    if m.cross is None:
-                        m.cross = torch.zeros_like(m.gram)
-                    m.cross.baddbmm_(original, p.transpose(1, 2))
+                    if weight.shape[1] < weight.shape[2]:  # fewer outputs than inputs: W X X̃ᵀ directly
+                        m.pull = torch.zeros(weight.shape, device=p.device) if m.pull is None else m.pull
+                        m.pull.baddbmm_(outputs, p.transpose(1, 2))
+                    else:
+                        m.cross = torch.zeros_like(m.gram) if m.cross is None else m.cross
+                        m.cross.baddbmm_(original, p.transpose(1, 2))
                     total = original.sum(-1).double()
                     m.source_total = total if m.source_total is None else m.source_total + total
 
@@ -317,4 +329,6 @@ def collect(model: nn.Module, members: Sequence[str], batches: Sequence[torch.Te
     missing = [n for n in members if n not in found]
     if missing:
         raise DataError(f"the forward pass never reached {missing[0]!r}: it cannot be fitted to data")
+    for name, m in found.items():
+        m.finish(blocks(originals[name].weight, m.gram.shape[0]))
     return found
