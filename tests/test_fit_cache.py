@@ -155,3 +155,20 @@ def test_bad_cache_settings_are_clear_errors() -> None:
     result = CliRunner().invoke(app, ["apply", "resnet18", "--fit", "data", "--data", "digits", "--cache-memory", "-1",
                                       "--out", "x.pt"])
     assert result.exit_code == 2 and "cache-memory" in result.output
+
+
+@pytest.mark.parametrize("mode", ["sequential", "progressive"])
+def test_untied_outputs_read_once_give_the_kernels_of_the_paired_streams(resnet18: nn.Module, mode: str,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """The untied network's outputs at the fitted layers, read in one pass, stand in for its
+    stream beside the copy's; where they do not fit the budget, the stream runs as before."""
+    from kshare.fit import order
+
+    data = _images(64, 32)
+    with caplog.at_level(logging.INFO, logger="kshare"):
+        once, _ = _fit(resnet18, "stage", data, 32, mode=mode)
+    assert "read once" in caplog.text
+    monkeypatch.setattr(order, "source_outputs", lambda *a, **k: None)
+    paired, _ = _fit(resnet18, "stage", data, 32, mode=mode)
+    assert _largest_change(once, paired) <= 1e-4  # the same W x, summed the same way where outputs < inputs

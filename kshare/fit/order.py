@@ -47,7 +47,7 @@ from kshare.fit.batchnorm import batch_norms
 from kshare.fit.blocks import UnitReconstruction, held_out_images, reconstruct
 from kshare.fit.config import FitConfig
 from kshare.fit.solve import Fitted, GroupFit, assign, effective, fit_group, refit_layer, well_posed
-from kshare.fit.statistics import Moments, collect, fit_batches, supports
+from kshare.fit.statistics import Moments, SourceOutputs, collect, fit_batches, source_outputs, supports
 from kshare.fit.streams import PairedStreams, paired_streams
 from kshare.kernels import FITTED
 from kshare.planning.plan import Group, SharingPlan
@@ -189,13 +189,14 @@ def _sequential(model: nn.Module, work: nn.Module, units: list[Group | list[str]
     refits: dict[str, Refit] = {}
     names_of = [list(u.members) if isinstance(u, Group) else u for u in units]
     start = time.perf_counter()
-    cached = paired_streams(model, work, batches, names_of, config.cache_memory, progress) if config.cache \
-        else nullcontext(None)
+    given = _source_outputs(model, names_of, batches, config, progress)
+    cached = paired_streams(model, work, batches, names_of, _left(config, given), progress, given is None) \
+        if config.cache else nullcontext(None)
     with cached as streams:
         kept = _where_kept(streams, config)
         for index, (unit, names) in enumerate(zip(units, names_of, strict=True)):  # in execution order
             label = f"unit {index + 1}/{len(units)} ({unit.name if isinstance(unit, Group) else ', '.join(names)})"
-            moments = _moments_at(streams, model, work, names, batches, config, index > 0, label, progress)
+            moments = _moments_at(streams, model, work, names, batches, config, index > 0, label, progress, given)
             with torch.no_grad():
                 if isinstance(unit, list):  # unshared layers after a tied group: refit to their original outputs
                     _refit_layers(unit, moments, modules, work_modules, centred, config.damp, refits)
@@ -217,17 +218,30 @@ def _where_kept(streams: PairedStreams | None, config: FitConfig) -> str:
 
 def _moments_at(streams: PairedStreams | None, model: nn.Module, work: nn.Module, names: Sequence[str],
                 batches: Sequence[torch.Tensor], config: FitConfig, after_first: bool, label: str,
-                progress: ProgressFn | None) -> dict[str, Moments]:
-    """The moments of `names` in the partly tied `work` against `model`, both streams moved to the
-    cut before them first (when cached). After the first unit, what the fits before it changed
-    reaches BatchNorm too: re-estimated in the same pass."""
+                progress: ProgressFn | None, given: SourceOutputs | None) -> dict[str, Moments]:
+    """The moments of `names` in the partly tied `work` against `model`, the streams moved to the
+    cut before them first (when cached; `given`: the untied one's outputs, read once). After the
+    first unit, what the fits before it changed reaches BatchNorm too: re-estimated in the same pass."""
     forward = None
     recalibrate = after_first and config.track_batchnorm
     if streams is not None:
         streams.reach(names, recalibrate, f"activations, {label}")
         forward = streams.forward
     return collect(work, names, batches, source=model, positions=config.positions, seed=config.seed,
-                   recalibrate=recalibrate, progress=progress, task=f"statistics, {label}", forward=forward)
+                   recalibrate=recalibrate, progress=progress, task=f"statistics, {label}", forward=forward,
+                   given=given)
+
+
+def _left(config: FitConfig, given: SourceOutputs | None) -> int:
+    """The cache budget the activations have, once the untied outputs (if read once) hold their part."""
+    return config.cache_memory - (given.nbytes if given is not None else 0)
+
+
+def _source_outputs(model: nn.Module, units: Sequence[Sequence[str]], batches: Sequence[torch.Tensor],
+                    config: FitConfig, progress: ProgressFn | None) -> SourceOutputs | None:
+    """The untied `model`'s outputs at every layer of `units`, read once within half the cache budget."""
+    return source_outputs(model, [n for names in units for n in names], batches, positions=config.positions,
+                          seed=config.seed, budget=config.cache_memory // 2, progress=progress)
 
 
 def _refit_layers(names: Sequence[str], moments: dict[str, Moments], modules: dict[str, nn.Module],
@@ -306,14 +320,15 @@ def _progressive(model: nn.Module, work: nn.Module, steps: list[list[str]], grou
     refits: dict[str, Refit] = {}
     reached: dict[str, Moments] = {}  # the moments of members whose group is not complete yet
     start = time.perf_counter()
-    cached = paired_streams(model, work, batches, steps, config.cache_memory, progress) if config.cache \
-        else nullcontext(None)
+    given = _source_outputs(model, steps, batches, config, progress)
+    cached = paired_streams(model, work, batches, steps, _left(config, given), progress, given is None) \
+        if config.cache else nullcontext(None)
     with cached as streams:
         kept = _where_kept(streams, config)
         for index, names in enumerate(steps):
             group = group_of.get(names[0])
             label = f"step {index + 1}/{len(steps)} ({', '.join(names)}{f' of {group.name}' if group else ''})"
-            moments = _moments_at(streams, model, work, names, batches, config, index > 0, label, progress)
+            moments = _moments_at(streams, model, work, names, batches, config, index > 0, label, progress, given)
             with torch.no_grad():
                 if group is None:
                     _refit_layers(names, moments, modules, work_modules, centred, config.damp, refits)

@@ -147,7 +147,6 @@ class Moments:
     total: torch.Tensor  # Σ x̃: (G, F)
     rows: int = 0
     pull: torch.Tensor | None = None  # W Σ x x̃ᵀ: (G, O, F), the original outputs against those inputs
-    source_total: torch.Tensor | None = None  # Σ x
     energy: float = 0.0  # ‖W_i X‖²: the original member's output energy on its own inputs
     energy_total: torch.Tensor | None = None  # Σ W_i x (per output row), to centre the energy and the pull
     cross: torch.Tensor | None = None  # Σ x x̃ᵀ while it is summed (wide convs), until `finish` makes it the pull
@@ -246,7 +245,8 @@ def _fast_layout(x: torch.Tensor) -> torch.Tensor:
 def collect(model: nn.Module, members: Sequence[str], batches: Sequence[torch.Tensor], *,
             source: nn.Module | None = None, positions: int = 64, seed: int = 0, recalibrate: bool = False,
             progress: ProgressFn | None = None, task: str = "statistics",
-            forward: Callable[[nn.Module, int], None] | None = None) -> dict[str, Moments]:
+            forward: Callable[[nn.Module, int], None] | None = None,
+            given: SourceOutputs | None = None) -> dict[str, Moments]:
     """Moments of `members`' inputs in `model` over `batches` (eval mode, no gradient).
 
     With `source` (the untied original), each batch also runs through it first, at the same
@@ -255,7 +255,9 @@ def collect(model: nn.Module, members: Sequence[str], batches: Sequence[torch.Te
     BatchNorm statistics up to the members (their layers normalise each batch by its own
     statistics meanwhile, which at calibration batch sizes match what they accumulate).
     `forward(net, index)` runs batch `index` through `net` (default: `batches[index]` from the
-    input; the cached sequential fit runs it from its activations at a cut instead)."""
+    input; the cached sequential fit runs it from its activations at a cut instead). `given`: the
+    source's outputs at these batches and positions, read once (`source_outputs`): then `source`
+    is not run, only its weights read."""
     def run(net: nn.Module, index: int) -> None:
         try:
             if forward is not None:
@@ -287,13 +289,13 @@ def collect(model: nn.Module, members: Sequence[str], batches: Sequence[torch.Te
             # feature level), so that the tied model's k-th call pairs with the original's k-th
             held: dict[str, list[torch.Tensor]] = {}
             calls: dict[str, int] = {}
-            if source is not None:
+            if source is not None and given is None:
                 with source_collector.watching(
                         source, lambda name, conv, p, held=held: held.setdefault(name, []).append(p)):
                     run(source, index)
 
             def keep(name: str, conv: nn.Module, p: torch.Tensor, held: dict[str, list[torch.Tensor]] = held,
-                     calls: dict[str, int] = calls) -> None:
+                     calls: dict[str, int] = calls, index: int = index) -> None:
                 m = found.get(name)
                 if m is None:
                     m = found[name] = Moments(torch.zeros(p.shape[0], p.shape[1], p.shape[1], device=p.device),
@@ -302,21 +304,22 @@ def collect(model: nn.Module, members: Sequence[str], batches: Sequence[torch.Te
                 m.total += p.sum(-1).double()
                 m.rows += p.shape[-1]
                 call = calls[name] = calls.get(name, -1) + 1
-                original = held[name][call] if name in held else p
                 weight = blocks(originals[name].weight, p.shape[0])
-                outputs = weight @ original  # (G, O, R): W_i X
+                if given is not None:
+                    original, outputs = p, given.outputs[name][index][call]
+                else:
+                    original = held[name][call] if name in held else p
+                    outputs = weight @ original  # (G, O, R): W_i X
                 m.energy += float(outputs.square().sum(dtype=torch.float64))
                 row_sums = outputs.sum(-1).double()
                 m.energy_total = row_sums if m.energy_total is None else m.energy_total + row_sums
                 if source is not None:
-                    if weight.shape[1] < weight.shape[2]:  # fewer outputs than inputs: W X X̃ᵀ directly
+                    if given is not None or weight.shape[1] < weight.shape[2]:  # W X X̃ᵀ directly
                         m.pull = torch.zeros(weight.shape, device=p.device) if m.pull is None else m.pull
                         m.pull.baddbmm_(outputs, p.transpose(1, 2))
-                    else:
+                    else:  # more outputs than inputs: X X̃ᵀ, times W at the end
                         m.cross = torch.zeros_like(m.gram) if m.cross is None else m.cross
                         m.cross.baddbmm_(original, p.transpose(1, 2))
-                    total = original.sum(-1).double()
-                    m.source_total = total if m.source_total is None else m.source_total + total
 
             with collector.watching(model, keep):
                 run(model, index)
@@ -332,3 +335,55 @@ def collect(model: nn.Module, members: Sequence[str], batches: Sequence[torch.Te
     for name, m in found.items():
         m.finish(blocks(originals[name].weight, m.gram.shape[0]))
     return found
+
+
+@dataclass
+class SourceOutputs:
+    """The untied network's outputs W x at every fitted layer's sampled positions, by layer, batch
+    and call: all the statistics need of its stream, which does not change while the copy is
+    fitted. Read in one pass, they spare a sequential fit the untied stream's pass per unit."""
+
+    outputs: dict[str, list[list[torch.Tensor]]]
+    nbytes: int
+
+
+@torch.no_grad()
+def source_outputs(source: nn.Module, names: Sequence[str], batches: Sequence[torch.Tensor], *, positions: int,
+                   seed: int, budget: int, progress: ProgressFn | None = None) -> SourceOutputs | None:
+    """`SourceOutputs` of `names` over `batches` (as `collect` samples them), or None where they
+    would take more than `budget` bytes (judged on the first batch): the fit then runs the untied
+    stream beside the copy."""
+    modules = dict(source.named_modules())
+    outputs: dict[str, list[list[torch.Tensor]]] = {n: [] for n in names}
+    collector = _Collector({modules[n]: n for n in names}, positions, seed, stop_after=set(names))
+    modes = [(m, m.training) for m in source.modules()]
+    source.eval()
+    size = 0
+
+    def keep(name: str, conv: nn.Module, p: torch.Tensor) -> None:
+        nonlocal size
+        found = blocks(conv.weight, p.shape[0]) @ p
+        outputs[name][-1].append(found)
+        size += found.numel() * found.element_size()
+
+    try:
+        for index, batch in enumerate(batches):
+            collector.batch, collector.done = index, set()
+            for name in names:
+                outputs[name].append([])
+            with collector.watching(source, keep):
+                try:
+                    source(batch)
+                except _Enough:
+                    pass
+            if index == 0 and size * len(batches) > budget:
+                need = size * len(batches) / 2**20
+                log.info(f"the untied network's outputs at the fitted layers would take {need:,.0f} MiB "
+                         f"(budget {budget / 2**20:,.0f} MiB): its stream runs beside the copy's")
+                return None
+            report(progress, "the untied network's outputs", index + 1, len(batches))
+    finally:
+        for m, flag in modes:
+            m.training = flag
+    log.info(f"the untied network's outputs at {len(names)} fitted layers read once: {size / 2**20:,.0f} MiB")
+    return SourceOutputs(outputs, size)

@@ -45,8 +45,9 @@ class PairedStreams:
     moves both to a later cut."""
 
     def __init__(self, source: nn.Module, work: nn.Module, batches: Sequence[torch.Tensor], segments: Segments,
-                 folder: CacheFolder, progress: ProgressFn | None) -> None:
+                 folder: CacheFolder, progress: ProgressFn | None, follow_source: bool = True) -> None:
         self.source, self.work, self.batches, self.segments = source, work, batches, segments
+        self.follow_source = follow_source  # False: the statistics read the source's outputs, read once
         self.folder, self.progress = folder, progress
         self.cut = segments.input_cut
         self.caches: dict[int, ActivationCache | _Inputs] = {id(source): _Inputs(batches), id(work): _Inputs(batches)}
@@ -73,7 +74,7 @@ class PairedStreams:
         self.batch_statistics = batch_statistics
         if cut <= self.cut and not self.pending:
             return
-        nets = (self.source, self.work)
+        nets = (self.source, self.work) if self.follow_source else (self.work,)
         modes = [(m, m.training) for net in nets for m in net.modules()]
         for net in nets:
             net.eval()
@@ -100,9 +101,11 @@ class PairedStreams:
 
 @contextmanager
 def paired_streams(source: nn.Module, work: nn.Module, batches: Sequence[torch.Tensor], units: Sequence[Sequence[str]],
-                   budget: int, progress: ProgressFn | None = None) -> Iterator[PairedStreams | None]:
+                   budget: int, progress: ProgressFn | None = None, follow_source: bool = True
+                   ) -> Iterator[PairedStreams | None]:
     """Streams cached at the cuts before each of `units` (module names), within `budget` bytes,
-    or None where `source` does not trace (each pass then starts from the input)."""
+    or None where `source` does not trace (each pass then starts from the input). Without
+    `follow_source`, only the copy's stream moves (the statistics read the source's outputs)."""
     segments = Segments.trace(source, batches[0])
     if segments is None or any(n not in segments.positions for names in units for n in names):
         yield None
@@ -110,7 +113,7 @@ def paired_streams(source: nn.Module, work: nn.Module, batches: Sequence[torch.T
     positions = [min(segments.position(n) for n in names) for names in units]
     storage = _storage(segments, source, batches, positions, budget)
     with CacheFolder(storage) as folder:
-        yield PairedStreams(source, work, batches, segments, folder, progress)
+        yield PairedStreams(source, work, batches, segments, folder, progress, follow_source)
 
 
 def _storage(segments: Segments, source: nn.Module, batches: Sequence[torch.Tensor], positions: Sequence[int],
