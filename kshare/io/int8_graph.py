@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from kshare.errors import ExportError
+from kshare.io.onnx_export import batchnorm_terms, keep_read_initializers, stored_name
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,9 +71,7 @@ def fold_batchnorms(path: Path) -> Folding:
     readers = Counter(name for node in graph.node for name in node.input)
 
     def stored(name: str) -> str:
-        while name not in initializers and name in producer and producer[name].op_type == "Identity":
-            name = producer[name].input[0]
-        return name
+        return stored_name(name, initializers, producer)
 
     def value(name: str) -> Any:
         return numpy_helper.to_array(initializers[stored(name)]).astype(np.float64)
@@ -104,9 +103,7 @@ def fold_batchnorms(path: Path) -> Folding:
         if (weight is None or readers[conv.output[0]] != 1
                 or any(stored(n) not in initializers for n in list(node.input[1:5]) + list(conv.input[2:3]))):
             continue
-        gamma, beta, mean, var = (value(n) for n in node.input[1:5])
-        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
-        scale = gamma / np.sqrt(var + eps)
+        scale, beta, mean = batchnorm_terms(node, value)
         candidates.append((node, conv, weight[0], scale * (1.0 if weight[1] is None else weight[1]), scale, beta, mean))
     # a shared kernel is folded for every member or none: a member reading it unfolded would quantise it twice
     foldable = Counter(c[2] for c in candidates)
@@ -137,10 +134,7 @@ def fold_batchnorms(path: Path) -> Folding:
         nodes = live
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {name for n in nodes for name in n.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    keep_read_initializers(graph)
     onnx.save(proto, str(path))
     return Folding(members, kernels, sum(n.op_type == "BatchNormalization" for n in nodes))
 
@@ -198,9 +192,6 @@ def reshare_int8(path: Path, folding: Folding) -> int:
         put(bias.input[0], np.rint(member.bias / bias_step), np.int32)
         put(bias.input[1], bias_step, np.float32)
         weight.input[0] = name
-    used = {name for n in graph.node for name in n.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    keep_read_initializers(graph)  # the members' own int8 copies
     onnx.save(proto, str(path))
     return len(shared)

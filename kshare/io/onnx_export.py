@@ -80,6 +80,31 @@ def keep_shared_in_sessions(path: Path, names: Sequence[str] | None = None) -> i
     return len(names)
 
 
+def stored_name(name: str, initializers: dict[str, Any], producer: dict[str, Any]) -> str:
+    """The initializer behind `name`: the exporter reads a parameter equal to another through an Identity."""
+    while name not in initializers and name in producer and producer[name].op_type == "Identity":
+        name = producer[name].input[0]
+    return name
+
+
+def batchnorm_terms(node: Any, array: Any) -> tuple[Any, Any, Any]:
+    """A BatchNormalization node's per-channel scale γ/√(var + ε), shift β and mean, float64, its
+    vectors read by `array(name)`."""
+    import numpy as np
+
+    gamma, beta, mean, var = (array(n).astype(np.float64) for n in node.input[1:5])
+    eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+    return gamma / np.sqrt(var + eps), beta, mean
+
+
+def keep_read_initializers(graph: Any) -> None:
+    """Drop the initializers of `graph` that no node reads."""
+    used = {name for node in graph.node for name in node.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
 def batchnorms_as_convs(path: Path) -> list[str]:
     """Rewrite the ONNX file at `path` in the `affine` form (see the module): each BatchNorm that
     alone reads a conv of a shared kernel becomes a depthwise 1x1 Conv with the same per-channel
@@ -99,10 +124,7 @@ def batchnorms_as_convs(path: Path) -> list[str]:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     def stored(name: str) -> str:
-        """The initializer behind `name`: the exporter reads a parameter equal to another through an Identity."""
-        while name not in initializers and name in producer and producer[name].op_type == "Identity":
-            name = producer[name].input[0]
-        return name
+        return stored_name(name, initializers, producer)
 
     rewritten: dict[int, Any] = {}
     for node in graph.node:
@@ -110,10 +132,7 @@ def batchnorms_as_convs(path: Path) -> list[str]:
         if (conv is None or conv.op_type != "Conv" or len(conv.input) < 2 or conv.input[1] not in shared
                 or len(readers[conv.output[0]]) != 1 or any(stored(n) not in initializers for n in node.input[1:5])):
             continue
-        gamma, beta, mean, var = (numpy_helper.to_array(initializers[stored(n)]).astype(np.float64)
-                                  for n in node.input[1:5])
-        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
-        scale = gamma / np.sqrt(var + eps)
+        scale, beta, mean = batchnorm_terms(node, lambda n: numpy_helper.to_array(initializers[stored(n)]))
         rank = len(initializers[conv.input[1]].dims)
         weight = numpy_helper.from_array(scale.reshape(-1, *[1] * (rank - 1)).astype(np.float32),
                                          node.output[0] + ".scale")
@@ -127,10 +146,7 @@ def batchnorms_as_convs(path: Path) -> list[str]:
     nodes = [n for n in nodes if n.op_type != "Identity" or any(o in read for o in n.output)]  # left unread
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {name for node in nodes for name in node.input}
-    kept = [t for t in graph.initializer if t.name in used]  # the BatchNorms' own vectors are gone
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    keep_read_initializers(graph)  # the BatchNorms' own vectors are gone
     onnx.save(proto, str(path))
     foldable = {"BatchNormalization", "Mul", "Div"}
     consumers = {name: [n for n in nodes if name in n.input] for name in shared}
