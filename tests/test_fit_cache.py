@@ -76,6 +76,8 @@ def test_cached_fit_gives_the_uncached_kernels(name: str, policy: str, size: int
     with caplog.at_level(logging.INFO, logger="kshare"):
         cached, kept = _fit(model, policy, data, size, mode=mode)
     assert "kept in memory as float32" in caplog.text and kept == "in memory as float32"
+    # the progressive fit steps the copy's stream through the network; the sequential keeps it at cuts
+    assert ("the copy's stream moves through the network once" in caplog.text) == (mode == "progressive")
     uncached, kept = _fit(model, policy, data, size, cache=False, mode=mode)
     assert kept == "not cached: every pass from the input"
     assert _largest_change(cached, uncached) <= EXACT
@@ -127,6 +129,27 @@ def test_segments_run_from_any_cut() -> None:
     residual = Segments.trace(ResidualBNNet(in_chans=3, depth=2).eval(), x)
     assert residual is not None
     assert [str(residual.carried[c]) for c in residual.cuts][:6] == ["x", "stem_0", "stem_1", "stem_2", "add", "add_1"]
+
+
+def test_segments_step_between_any_two_nodes() -> None:
+    """From the values live at any node, inside a block too (the shortcut beside the branch), the
+    graph steps to any later node and on to the network's own output."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    segments = Segments.trace(model, x)
+    assert segments is not None
+    inside = [i for i in range(segments.input_cut, len(segments.nodes) - 1) if i not in segments.cuts]
+    assert max(len(segments.live_at(i)) for i in inside) >= 2  # a block's branch and its shortcut
+    with torch.no_grad():
+        expected = model(x)
+        for i in inside[::7]:
+            values = segments.step(model, {segments.carried[segments.input_cut]: x}, segments.input_cut, i)
+            assert set(values) == set(segments.live_at(i))
+            cut = min(c for c in segments.cuts if c > i + 5)
+            later = segments.step(model, segments.step(model, values, i, i + 5), i + 5, cut)
+            assert list(later) == [segments.carried[cut]]
+            torch.testing.assert_close(segments.run(model, cut, later[segments.carried[cut]], None), expected)
 
 
 def test_storage_ladder_and_the_float16_overflow() -> None:

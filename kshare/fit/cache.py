@@ -28,12 +28,12 @@ class Storage:
         return f"in memory as {kind}" if self.place == "memory" else f"on disk as {kind} (memory-mapped)"
 
 
-def choose_storage(largest_bytes: int, budget: int) -> Storage:
-    """The most exact storage under which the `LIVE_CACHES` largest caches (each `largest_bytes`
-    in float32) stay within `budget` bytes of memory."""
-    if LIVE_CACHES * largest_bytes <= budget:
+def choose_storage(largest_bytes: int, budget: int, live: int = LIVE_CACHES) -> Storage:
+    """The most exact storage under which the `live` largest caches (each `largest_bytes` in
+    float32) stay within `budget` bytes of memory."""
+    if live * largest_bytes <= budget:
         return Storage("memory", torch.float32)
-    if LIVE_CACHES * largest_bytes // 2 <= budget:
+    if live * largest_bytes // 2 <= budget:
         return Storage("memory", torch.float16)
     return Storage("disk", torch.float16)
 
@@ -47,7 +47,8 @@ class ActivationCache:
         self.batches: dict[int, tuple[torch.Tensor, torch.device, bool]] = {}
         self.files: list[Path] = []
 
-    def put(self, index: int, x: torch.Tensor) -> None:
+    def put(self, index: int, x: torch.Tensor, owned: bool = False) -> None:
+        """Keep batch `index`; `owned`: nothing else holds `x`, so a float32 one is kept as it is."""
         layout = x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         kept = x.detach()
         if self.storage.dtype == torch.float16:
@@ -64,7 +65,7 @@ class ActivationCache:
             mapped.flush()
             kept = torch.from_numpy(mapped)
             self.files.append(self.folder / f"{id(self)}-{index}.bin")
-        elif kept.data_ptr() == x.data_ptr():  # a float32 batch is copied: the network may change its own tensor
+        elif kept.data_ptr() == x.data_ptr() and not owned:  # copied: the network may change its own tensor
             kept = kept.clone()
         self.batches[index] = (kept, x.device, layout)
 
@@ -72,6 +73,22 @@ class ActivationCache:
         kept, device, layout = self.batches[index]
         x = kept.to(device=device, dtype=torch.float32, copy=True)
         return x.contiguous(memory_format=torch.channels_last) if layout else x
+
+    def peek(self, index: int) -> torch.Tensor:
+        """Batch `index` as float32, to read only: the kept tensor itself where it is one."""
+        kept, device, _ = self.batches[index]
+        if self.storage.place == "memory" and kept.dtype == torch.float32 and kept.device == device:
+            return kept
+        return self.get(index)
+
+    def pop(self, index: int) -> torch.Tensor:
+        """Batch `index` as `get` gives it, no longer kept."""
+        x = self.peek(index)
+        del self.batches[index]
+        if self.storage.place == "disk":
+            assert self.folder is not None
+            (self.folder / f"{id(self)}-{index}.bin").unlink(missing_ok=True)
+        return x
 
     def drop(self) -> None:
         self.batches.clear()

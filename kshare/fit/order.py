@@ -13,8 +13,8 @@ member of a group at once, so the least-squares problem sums over the members.
   of compounding it. One paired, early-stopped pass per group: a stage of four groups is run
   about four times.
 - `progressive`: the same against-the-original fit, visited member by member in the order the
-  network runs them, so the cached streams move through the network once (each block about
-  twice: once to reach a member inside it, once to leave it). At each member its group is
+  network runs them, so the copy's stream moves through the network once: it stands just before
+  each member with every value live there kept (`kshare.fit.streams.SteppedStream`). At each member its group is
   refitted from the members reached so far, and that kernel goes into this member and every
   member not reached yet, so later members see inputs made with it; members already passed
   keep the kernel they ran with (what the cached streams hold of them, so cached and uncached
@@ -33,7 +33,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +47,16 @@ from kshare.fit.batchnorm import batch_norms
 from kshare.fit.blocks import UnitReconstruction, held_out_images, reconstruct
 from kshare.fit.config import FitConfig
 from kshare.fit.solve import Fitted, GroupFit, assign, effective, fit_group, refit_layer, well_posed
-from kshare.fit.statistics import Moments, SourceOutputs, collect, fit_batches, source_outputs, supports
-from kshare.fit.streams import PairedStreams, paired_streams
+from kshare.fit.statistics import (
+    Moments,
+    SourceOutputs,
+    collect,
+    fit_batches,
+    moments_of_inputs,
+    source_outputs,
+    supports,
+)
+from kshare.fit.streams import PairedStreams, SteppedStream, paired_streams, stepped_stream
 from kshare.kernels import FITTED
 from kshare.planning.plan import Group, SharingPlan
 from kshare.planning.relaxation import Relaxation
@@ -232,6 +240,17 @@ def _moments_at(streams: PairedStreams | None, model: nn.Module, work: nn.Module
                    given=given)
 
 
+def _moments_stepped(stream: SteppedStream, model: nn.Module, work: nn.Module, name: str,
+                     batches: Sequence[torch.Tensor], config: FitConfig, after_first: bool, label: str,
+                     given: SourceOutputs) -> dict[str, Moments]:
+    """The moments of layer `name` read where the copy's stepped stream stands, moved to just
+    before it first (BatchNorm by batch statistics after the first step, as `_moments_at`)."""
+    stream.reach(name, after_first and config.track_batchnorm, f"activations, {label}")
+    modules, work_modules = dict(model.named_modules()), dict(work.named_modules())
+    return {name: moments_of_inputs(work_modules[name], name, modules[name], lambda i: stream.input_of(name, i),
+                                    len(batches), given, positions=config.positions, seed=config.seed)}
+
+
 def _left(config: FitConfig, given: SourceOutputs | None) -> int:
     """The cache budget the activations have, once the untied outputs (if read once) hold their part."""
     return config.cache_memory - (given.nbytes if given is not None else 0)
@@ -295,25 +314,21 @@ def _execution_order(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
 
 def _steps(model: nn.Module, groups: list[Group], x: torch.Tensor, compensate: bool) -> list[list[str]]:
     """What a progressive fit visits, in execution order: each member alone, and (with
-    `compensate`) the runs of unshared layers after the first member, as `_units` has them."""
+    `compensate`) each unshared layer after the first member, refitted before the stream moves
+    through it (the sequential fit refits a run of them from one pass)."""
     order = _execution_order(model, x)
     grouped = {m for g in groups for m in g.members}
     first = min((order[m] for m in grouped if m in order), default=len(order))
-    steps: list[list[str]] = []
-    for name in sorted(grouped | ({n for n in order if order[n] > first} if compensate else set()),
-                       key=lambda n: order.get(n, 0)):
-        if name not in grouped and steps and steps[-1][0] not in grouped:
-            steps[-1].append(name)
-        else:
-            steps.append([name])
-    return steps
+    return [[name] for name in sorted(grouped | ({n for n in order if order[n] > first} if compensate else set()),
+                                      key=lambda n: order.get(n, 0))]
 
 
 def _progressive(model: nn.Module, work: nn.Module, steps: list[list[str]], groups: list[Group],
                  batches: Sequence[torch.Tensor], config: FitConfig, centred: set[str], relaxation: Relaxation,
                  share_bias: bool, progress: ProgressFn | None) -> tuple[dict[str, Fitted], dict[str, Refit], str]:
-    """The progressive order (see the module) on the cached streams: like `_sequential`, with
-    one member, or one run of unshared layers, per step."""
+    """The progressive order (see the module): like `_sequential`, with one member, or one
+    unshared layer, per step; the copy's stream stepped through the network where it traces and
+    the untied outputs were read once, else cached at cuts (`_sequential`'s streams)."""
     modules, work_modules = dict(model.named_modules()), dict(work.named_modules())
     group_of = {m: g for g in groups for m in g.members}
     fits: dict[str, Fitted] = {}
@@ -321,14 +336,20 @@ def _progressive(model: nn.Module, work: nn.Module, steps: list[list[str]], grou
     reached: dict[str, Moments] = {}  # the moments of members whose group is not complete yet
     start = time.perf_counter()
     given = _source_outputs(model, steps, batches, config, progress)
-    cached = paired_streams(model, work, batches, steps, _left(config, given), progress, given is None) \
-        if config.cache else nullcontext(None)
-    with cached as streams:
-        kept = _where_kept(streams, config)
+    with ExitStack() as stack:  # the copy's stream stepped through the network, else paired streams at cuts
+        stream = stack.enter_context(stepped_stream(work, batches, [names[0] for names in steps],
+                                                    _left(config, given), progress)) \
+            if config.cache and given is not None else None
+        streams = stack.enter_context(paired_streams(model, work, batches, steps, _left(config, given), progress,
+                                                     given is None)) if config.cache and stream is None else None
+        kept = stream.folder.storage.describe() if stream is not None else _where_kept(streams, config)
         for index, names in enumerate(steps):
             group = group_of.get(names[0])
             label = f"step {index + 1}/{len(steps)} ({', '.join(names)}{f' of {group.name}' if group else ''})"
-            moments = _moments_at(streams, model, work, names, batches, config, index > 0, label, progress, given)
+            if stream is not None and given is not None:
+                moments = _moments_stepped(stream, model, work, names[0], batches, config, index > 0, label, given)
+            else:
+                moments = _moments_at(streams, model, work, names, batches, config, index > 0, label, progress, given)
             with torch.no_grad():
                 if group is None:
                     _refit_layers(names, moments, modules, work_modules, centred, config.damp, refits)
@@ -347,7 +368,7 @@ def _progressive(model: nn.Module, work: nn.Module, steps: list[list[str]], grou
                     else:  # the kernel so far (no relaxation until every member is reached)
                         partial = dataclasses.replace(group, members=tuple(seen), ranks=())
                         fitted = fit_group(partial, [modules[m] for m in seen], reached, centred, Relaxation(),
-                                           share_bias, config)
+                                           share_bias, config, measure=False)
                         for name in ahead:
                             assign(work_modules[name], fitted.weight.reshape(shape), fitted.bias)
             elapsed = time.perf_counter() - start

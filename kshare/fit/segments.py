@@ -102,9 +102,23 @@ class Segments:
         """The last cut at or before node `position`."""
         return max(c for c in self.cuts if c <= position)
 
+    def live_at(self, position: int) -> list[fx.Node]:
+        """The values the rest of the graph still reads when `position` nodes have run (at a cut, one)."""
+        return [self.nodes[i] for i in range(position) if i not in self.static and self.last_use[i] >= position]
+
     def run(self, model: nn.Module, start: int, value: torch.Tensor, stop: int | None) -> Any:
         """Run `model`'s copy of the graph from cut `start`, where the carried value is `value`, up
         to cut `stop` (its carried value is returned) or to the end (the network's output)."""
+        found = self._execute(model, {self.carried[start]: value}, start, stop)
+        return found if stop is None else found[self.carried[stop]]
+
+    def step(self, model: nn.Module, values: dict[fx.Node, torch.Tensor], start: int, stop: int
+             ) -> dict[fx.Node, torch.Tensor]:
+        """Run `model`'s copy of the graph from node `start`, where the values live are `values`
+        (`live_at(start)`), to node `stop`: the values live there. Any two positions, not only cuts."""
+        return self._execute(model, values, start, stop)
+
+    def _execute(self, model: nn.Module, values: dict[fx.Node, Any], start: int, stop: int | None) -> Any:
         interpreter = self._interpreter(model)
         env: dict[fx.Node, Any] = {}
         interpreter.env = env
@@ -112,8 +126,7 @@ class Segments:
         for i in sorted(self.static):
             if i < end and self.nodes[i].op != "placeholder":
                 env[self.nodes[i]] = interpreter.run_node(self.nodes[i])
-        env[self.carried[start]] = value
-        keep = self.carried.get(stop) if stop is not None else None
+        env.update(values)
         for i in range(start, end):
             node = self.nodes[i]
             if node.op == "placeholder" or i in self.static:
@@ -122,9 +135,9 @@ class Segments:
                 return _first_tensor(interpreter.run_node(node))
             env[node] = interpreter.run_node(node)
             for arg in node.all_input_nodes:  # free what no later node reads
-                if self.last_use[self.index[arg]] <= i and arg is not keep:
+                if self.last_use[self.index[arg]] <= i:
                     env.pop(arg, None)
-        return env[keep] if keep is not None else None
+        return {n: env[n] for n in self.live_at(end)}
 
     def _interpreter(self, model: nn.Module) -> fx.Interpreter:
         """An interpreter over `model`'s own submodules (shared, not copied: hooks and assigned

@@ -14,6 +14,7 @@ in the H-whitened space.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,10 +60,11 @@ class Fitted:
 
 
 def fit_group(group: Group, convs: list[nn.Module], moments: dict[str, Moments], centred: set[str],
-               relaxation: Relaxation, share_bias: bool, config: FitConfig) -> Fitted:
+               relaxation: Relaxation, share_bias: bool, config: FitConfig, measure: bool = True) -> Fitted:
     """One group's shared kernel (and bias, scales, deltas) from its members' statistics. Where
     the outputs need the bias (shared, and no BatchNorm to remove it), kernel and bias are fitted
-    together: a constant 1 is appended to every patch."""
+    together: a constant 1 is appended to every patch. Without `measure`, the report's errors are
+    NaN (an intermediate fit nobody reads: its error sums cost as much as the solve)."""
     g = convs[0].groups
     stats = [moments[m].centred() if m in centred else moments[m].raw() for m in group.members]
     grams, pulls, energies = [s[0] for s in stats], [s[1] for s in stats], [s[2] for s in stats]
@@ -86,7 +88,7 @@ def fit_group(group: Group, convs: list[nn.Module], moments: dict[str, Moments],
         kernel = solved
         bias = torch.stack([c.bias.detach().float() for c in convs]).mean(0) if has_bias else None
     before = sum(w * output_error(prior, p, h, e)
-                 for w, p, h, e in zip(weights, full_pulls, full_grams, energies, strict=True))
+                 for w, p, h, e in zip(weights, full_pulls, full_grams, energies, strict=True)) if measure else math.nan
     scales: list[torch.Tensor | None] = []
     loras: list[tuple[torch.Tensor, torch.Tensor] | None] = []
     after = 0.0
@@ -112,11 +114,16 @@ def fit_group(group: Group, convs: list[nn.Module], moments: dict[str, Moments],
         loras.append(lora)
         if fit_bias:
             member = torch.cat([member, solved[..., -1:]], -1)
-        after += weights[i] * output_error(member, full_pulls[i], full_grams[i], energies[i])
+        if measure:
+            after += weights[i] * output_error(member, full_pulls[i], full_grams[i], energies[i])
     total = sum(w * e for w, e in zip(weights, energies, strict=True))
-    flat = [c.weight.detach().double().flatten() for c in convs]
-    weight_error = sum(float((kernel.double().flatten() - f).square().sum()) for f in flat) / max(
-        sum(float(f.square().sum()) for f in flat), 1e-30)
+    weight_error = math.nan
+    if measure:
+        flat = [c.weight.detach().double().flatten() for c in convs]
+        weight_error = sum(float((kernel.double().flatten() - f).square().sum()) for f in flat) / max(
+            sum(float(f.square().sum()) for f in flat), 1e-30)
+    else:
+        after = math.nan
     report = GroupFit(group.name, len(convs), before / max(total, 1e-30), after / max(total, 1e-30), weight_error)
     return Fitted(kernel, bias, scales, loras, report)
 

@@ -296,30 +296,10 @@ def collect(model: nn.Module, members: Sequence[str], batches: Sequence[torch.Te
 
             def keep(name: str, conv: nn.Module, p: torch.Tensor, held: dict[str, list[torch.Tensor]] = held,
                      calls: dict[str, int] = calls, index: int = index) -> None:
-                m = found.get(name)
-                if m is None:
-                    m = found[name] = Moments(torch.zeros(p.shape[0], p.shape[1], p.shape[1], device=p.device),
-                                              torch.zeros(p.shape[:2], dtype=torch.float64, device=p.device))
-                add_gram(m.gram, p)
-                m.total += p.sum(-1).double()
-                m.rows += p.shape[-1]
                 call = calls[name] = calls.get(name, -1) + 1
-                weight = blocks(originals[name].weight, p.shape[0])
-                if given is not None:
-                    original, outputs = p, given.outputs[name][index][call]
-                else:
-                    original = held[name][call] if name in held else p
-                    outputs = weight @ original  # (G, O, R): W_i X
-                m.energy += float(outputs.square().sum(dtype=torch.float64))
-                row_sums = outputs.sum(-1).double()
-                m.energy_total = row_sums if m.energy_total is None else m.energy_total + row_sums
-                if source is not None:
-                    if given is not None or weight.shape[1] < weight.shape[2]:  # W X X̃ᵀ directly
-                        m.pull = torch.zeros(weight.shape, device=p.device) if m.pull is None else m.pull
-                        m.pull.baddbmm_(outputs, p.transpose(1, 2))
-                    else:  # more outputs than inputs: X X̃ᵀ, times W at the end
-                        m.cross = torch.zeros_like(m.gram) if m.cross is None else m.cross
-                        m.cross.baddbmm_(original, p.transpose(1, 2))
+                _add_patches(found, name, p, blocks(originals[name].weight, p.shape[0]), source is not None,
+                             held[name][call] if name in held else None,
+                             given.outputs[name][index][call] if given is not None else None)
 
             with collector.watching(model, keep):
                 run(model, index)
@@ -335,6 +315,53 @@ def collect(model: nn.Module, members: Sequence[str], batches: Sequence[torch.Te
     for name, m in found.items():
         m.finish(blocks(originals[name].weight, m.gram.shape[0]))
     return found
+
+
+def _add_patches(found: dict[str, Moments], name: str, p: torch.Tensor, weight: torch.Tensor, paired: bool,
+                 original: torch.Tensor | None, outputs: torch.Tensor | None) -> None:
+    """Add one call's sampled patches `p` (G, F, R) of `name` into its moments in `found`: the
+    original member's `weight` blocks; `paired`: a second network gives the targets, its patches
+    `original` at the same positions, or its outputs there, read once (`outputs`); neither: `p`."""
+    m = found.get(name)
+    if m is None:
+        m = found[name] = Moments(torch.zeros(p.shape[0], p.shape[1], p.shape[1], device=p.device),
+                                  torch.zeros(p.shape[:2], dtype=torch.float64, device=p.device))
+    add_gram(m.gram, p)
+    m.total += p.sum(-1).double()
+    m.rows += p.shape[-1]
+    if outputs is None:
+        original = p if original is None else original
+        outputs = weight @ original  # (G, O, R): W_i X
+    m.energy += float(outputs.square().sum(dtype=torch.float64))
+    row_sums = outputs.sum(-1).double()
+    m.energy_total = row_sums if m.energy_total is None else m.energy_total + row_sums
+    if not paired:
+        return
+    if original is None or weight.shape[1] < weight.shape[2]:  # W X X̃ᵀ directly
+        m.pull = torch.zeros(weight.shape, device=p.device) if m.pull is None else m.pull
+        m.pull.baddbmm_(outputs, p.transpose(1, 2))
+    else:  # more outputs than inputs: X X̃ᵀ, times W at the end
+        m.cross = torch.zeros_like(m.gram) if m.cross is None else m.cross
+        m.cross.baddbmm_(original, p.transpose(1, 2))
+
+
+@torch.no_grad()
+def moments_of_inputs(conv: nn.Module, name: str, original: nn.Module, inputs: Callable[[int], torch.Tensor],
+                      batches: int, given: SourceOutputs, *, positions: int, seed: int) -> Moments:
+    """The moments `collect` gives of member `name` (`conv` in the copy, `original` in the untied
+    network), from its input on each batch as `inputs(index)` hands it, against the untied outputs
+    read once (`given`): no forward runs here, the caller's stream stands at the member."""
+    collector = _Collector({conv: name}, positions, seed)
+    found: dict[str, Moments] = {}
+    weight = None
+    for index in range(batches):
+        collector.batch = index
+        p = collector.sample_named(conv, name, inputs(index))
+        weight = blocks(original.weight, p.shape[0])
+        _add_patches(found, name, p, weight, True, None, given.outputs[name][index][0])
+    assert weight is not None, "moments of no batch"
+    found[name].finish(weight)
+    return found[name]
 
 
 @dataclass

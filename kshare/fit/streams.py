@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from kshare.fit.batchnorm import batch_norms
 from kshare.fit.cache import ActivationCache, CacheFolder, Storage, choose_storage
@@ -34,6 +34,12 @@ class _Inputs:
         self.batches = batches
 
     def get(self, index: int) -> torch.Tensor:
+        return self.batches[index]
+
+    def peek(self, index: int) -> torch.Tensor:
+        return self.batches[index]
+
+    def pop(self, index: int) -> torch.Tensor:
         return self.batches[index]
 
     def drop(self) -> None:
@@ -132,3 +138,91 @@ def _storage(segments: Segments, source: nn.Module, batches: Sequence[torch.Tens
              f"stream for {images:,} images in float32; kept {storage.describe()} (budget {budget / 2**30:.1f} GiB; "
              f"measured in {time.perf_counter() - start:.1f} s)")
     return storage
+
+
+class SteppedStream:
+    """The copy's stream standing at a node of its graph, every value live there kept per batch
+    (not only at cuts): a member's statistics read its input where the stream stands, and the
+    stream then moves on through that member with the kernel just fitted. So the progressive fit
+    runs the copy through the network once (its untied targets read once beforehand), instead of
+    re-running each block from its cut for every member inside it."""
+
+    def __init__(self, work: nn.Module, batches: Sequence[torch.Tensor], segments: Segments, folder: CacheFolder,
+                 progress: ProgressFn | None) -> None:
+        self.work, self.batches, self.segments, self.folder, self.progress = work, batches, segments, folder, progress
+        self.batch_statistics = False
+        self._start()
+
+    def _start(self) -> None:
+        self.position = self.segments.input_cut
+        self.states: dict[fx.Node, ActivationCache | _Inputs] = {
+            self.segments.carried[self.position]: _Inputs(self.batches)}
+
+    def input_of(self, name: str, index: int) -> torch.Tensor:
+        """Batch `index` of the value module `name` reads, the stream standing just before it (read only)."""
+        node = self.segments.nodes[self.segments.position(name)]
+        return self.states[node.args[0]].peek(index)  # type: ignore[index]
+
+    @torch.no_grad()
+    def reach(self, name: str, batch_statistics: bool, task: str) -> None:
+        """Move the stream to just before module `name` runs; the copy's BatchNorm layers
+        normalise by batch statistics on the way where `batch_statistics` (switched on, the
+        stream starts again from the input, as the copy's layers before here ran otherwise)."""
+        if batch_statistics and not self.batch_statistics:
+            for cache in self.states.values():
+                cache.drop()
+            self._start()
+        self.batch_statistics = batch_statistics
+        target = self.segments.position(name)
+        if target <= self.position:
+            return
+        modes = [(m, m.training) for m in self.work.modules()]
+        self.work.eval()
+        if batch_statistics:
+            for norm in batch_norms(self.work):
+                norm.train()
+        try:
+            moved = {n: self.folder.cache() for n in self.segments.live_at(target)}
+            for index in range(len(self.batches)):
+                values = {n: cache.pop(index) for n, cache in self.states.items()}
+                for n, value in self.segments.step(self.work, values, self.position, target).items():
+                    moved[n].put(index, value, owned=True)
+                report(self.progress, task, index + 1, len(self.batches))
+        finally:
+            for m, flag in modes:
+                m.training = flag
+        for cache in self.states.values():
+            cache.drop()
+        self.states, self.position = dict(moved), target
+
+
+@contextmanager
+def stepped_stream(work: nn.Module, batches: Sequence[torch.Tensor], steps: Sequence[str], budget: int,
+                   progress: ProgressFn | None = None) -> Iterator[SteppedStream | None]:
+    """The copy's `SteppedStream` for visiting the modules `steps` in order, within `budget` bytes;
+    None where the network does not trace, a module runs at more than one node of its graph (a
+    shared head), or the steps are not in the graph's order."""
+    segments = Segments.trace(work, batches[0])
+    if segments is None or any(n not in segments.positions for n in steps):
+        yield None
+        return
+    calls = [str(n.target) for n in segments.nodes if n.op == "call_module"]
+    places = [segments.position(n) for n in steps]
+    if any(calls.count(n) > 1 for n in steps) or places != sorted(places) or \
+            any(not isinstance(segments.nodes[p].args[0], fx.Node) for p in places):
+        yield None
+        return
+    start = time.perf_counter()
+    largest, state, position = 0, {segments.carried[segments.input_cut]: batches[0][:1]}, segments.input_cut
+    with torch.no_grad():
+        for place in places:  # the values live before each step, for one image
+            state = segments.step(work, state, position, place) if place > position else state
+            position = place
+            largest = max(largest, sum(v.numel() * 4 for v in state.values() if isinstance(v, torch.Tensor)))
+    images = sum(len(b) for b in batches)
+    storage = choose_storage(largest * images, budget, live=2)
+    log.info(f"progressive fit: the copy's stream moves through the network once, the values live before each "
+             f"step kept, at most {largest * images / 2**20:,.0f} MiB for {images:,} images in float32; kept "
+             f"{storage.describe()} (budget {budget / 2**30:.1f} GiB; measured in {time.perf_counter() - start:.1f} s)")
+    with CacheFolder(storage) as folder:
+        yield SteppedStream(work, batches, segments, folder, progress)
