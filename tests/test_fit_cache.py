@@ -195,3 +195,34 @@ def test_untied_outputs_read_once_give_the_kernels_of_the_paired_streams(resnet1
     monkeypatch.setattr(order, "source_outputs", lambda *a, **k: None)
     paired, _ = _fit(resnet18, "stage", data, 32, mode=mode)
     assert _largest_change(once, paired) <= 1e-4  # the same W x, summed the same way where outputs < inputs
+
+
+@pytest.mark.parametrize(("budget", "kept", "tolerance"), [(4 << 30, "in memory as float32", EXACT),
+                                                           (0, "on disk as float16 (memory-mapped)", HALF)])
+def test_the_stepped_stream_holds_what_each_member_reads(resnet18: nn.Module, budget: int, kept: str,
+                                                         tolerance: float, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stood before a member inside a block (its shortcut kept beside it), the stream hands the
+    member the input a plain forward gives it, batch by batch; spilled to disk, in float16, and
+    the files go with the stream."""
+    from kshare.fit.streams import stepped_stream
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    batches = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    members = ["layer1.0.conv2", "layer2.0.conv1", "layer2.1.conv2"]
+    seen: dict[str, list[torch.Tensor]] = {m: [] for m in members}
+    modules = dict(resnet18.named_modules())
+    handles = [modules[m].register_forward_pre_hook(lambda _, a, m=m: seen[m].append(a[0].clone())) for m in members]
+    with torch.no_grad():
+        for b in batches:
+            resnet18(b)
+    for h in handles:
+        h.remove()
+    with stepped_stream(resnet18, batches, members, budget) as stream:
+        assert stream is not None and stream.folder.storage.describe() == kept
+        for m in members:
+            stream.reach(m, False, "test")
+            for i in range(len(batches)):
+                got = stream.input_of(m, i)
+                assert float((got - seen[m][i]).norm() / seen[m][i].norm()) <= tolerance
+    assert not list(tmp_path.iterdir())
