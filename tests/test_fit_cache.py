@@ -226,3 +226,15 @@ def test_the_stepped_stream_holds_what_each_member_reads(resnet18: nn.Module, bu
                 got = stream.input_of(m, i)
                 assert float((got - seen[m][i]).norm() / seen[m][i].norm()) <= tolerance
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("mode", ["sequential", "progressive"])
+def test_a_model_left_in_training_mode_is_fitted_on_its_cached_streams(resnet18: nn.Module, mode: str) -> None:
+    """The caches are sized on one image; a model handed over in training mode (as a training
+    script leaves it) has BatchNorms on 1x1 maps here, which refuse one image in training mode."""
+    model = copy.deepcopy(resnet18).train()
+    data = _images(16, 32)
+    plan = kshare.plan(model, "stage", input_size=(3, 32, 32))
+    report = fit_and_tie(model, plan, data, FitConfig(images=16, batch_size=16, mode=mode))
+    assert report.cache == "in memory as float32"
+    assert all(m.training for m in model.modules())  # and it is handed back as it came

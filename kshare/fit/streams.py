@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import torch
 from torch import fx, nn
 
+from kshare.analysis.inspect import analysis_mode
 from kshare.fit.batchnorm import batch_norms
 from kshare.fit.cache import ActivationCache, CacheFolder, Storage, choose_storage
 from kshare.fit.segments import Segments
@@ -129,7 +130,7 @@ def _storage(segments: Segments, source: nn.Module, batches: Sequence[torch.Tens
     cuts = sorted({segments.cut_before(p) for p in positions} - {segments.input_cut})
     images = sum(len(b) for b in batches)
     largest = 0
-    with torch.no_grad():
+    with analysis_mode(source):
         for cut in cuts:
             value = segments.run(source, segments.input_cut, batches[0][:1], cut)
             largest = max(largest, value.numel() * 4 * images)
@@ -214,7 +215,7 @@ def stepped_stream(work: nn.Module, batches: Sequence[torch.Tensor], steps: Sequ
         return
     start = time.perf_counter()
     largest, state, position = 0, {segments.carried[segments.input_cut]: batches[0][:1]}, segments.input_cut
-    with torch.no_grad():
+    with analysis_mode(work):  # eval mode: one image through BatchNorm in training mode is refused
         for place in places:  # the values live before each step, for one image
             state = segments.step(work, state, position, place) if place > position else state
             position = place
