@@ -240,14 +240,14 @@ def _moments_at(streams: PairedStreams | None, model: nn.Module, work: nn.Module
                    given=given)
 
 
-def _moments_stepped(stream: SteppedStream, model: nn.Module, work: nn.Module, name: str,
+def _moments_stepped(stream: SteppedStream, original: nn.Module, copy: nn.Module, name: str,
                      batches: Sequence[torch.Tensor], config: FitConfig, after_first: bool, label: str,
                      given: SourceOutputs) -> dict[str, Moments]:
-    """The moments of layer `name` read where the copy's stepped stream stands, moved to just
-    before it first (BatchNorm by batch statistics after the first step, as `_moments_at`)."""
+    """The moments of layer `name` (`copy` in the partly tied network, `original` in the untied one)
+    read where the copy's stepped stream stands, moved to just before it first (BatchNorm by batch
+    statistics after the first step, as `_moments_at`)."""
     stream.reach(name, after_first and config.track_batchnorm, f"activations, {label}")
-    modules, work_modules = dict(model.named_modules()), dict(work.named_modules())
-    return {name: moments_of_inputs(work_modules[name], name, modules[name], lambda i: stream.input_of(name, i),
+    return {name: moments_of_inputs(copy, name, original, lambda i: stream.input_of(name, i),
                                     len(batches), given, positions=config.positions, seed=config.seed)}
 
 
@@ -347,7 +347,8 @@ def _progressive(model: nn.Module, work: nn.Module, steps: list[list[str]], grou
             group = group_of.get(names[0])
             label = f"step {index + 1}/{len(steps)} ({', '.join(names)}{f' of {group.name}' if group else ''})"
             if stream is not None and given is not None:
-                moments = _moments_stepped(stream, model, work, names[0], batches, config, index > 0, label, given)
+                moments = _moments_stepped(stream, modules[names[0]], work_modules[names[0]], names[0], batches,
+                                           config, index > 0, label, given)
             else:
                 moments = _moments_at(streams, model, work, names, batches, config, index > 0, label, progress, given)
             with torch.no_grad():

@@ -353,13 +353,11 @@ def moments_of_inputs(conv: nn.Module, name: str, original: nn.Module, inputs: C
     read once (`given`): no forward runs here, the caller's stream stands at the member."""
     collector = _Collector({conv: name}, positions, seed)
     found: dict[str, Moments] = {}
-    weight = None
+    weight = blocks(original.weight, getattr(conv, "groups", 1))
     for index in range(batches):
         collector.batch = index
-        p = collector.sample_named(conv, name, inputs(index))
-        weight = blocks(original.weight, p.shape[0])
-        _add_patches(found, name, p, weight, True, None, given.outputs[name][index][0])
-    assert weight is not None, "moments of no batch"
+        _add_patches(found, name, collector.sample_named(conv, name, inputs(index)), weight, True, None,
+                     given.outputs[name][index][0])
     found[name].finish(weight)
     return found[name]
 

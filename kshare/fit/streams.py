@@ -37,14 +37,27 @@ class _Inputs:
     def get(self, index: int) -> torch.Tensor:
         return self.batches[index]
 
-    def peek(self, index: int) -> torch.Tensor:
-        return self.batches[index]
-
-    def pop(self, index: int) -> torch.Tensor:
-        return self.batches[index]
+    peek = pop = get  # the batches stay: they are the caller's
 
     def drop(self) -> None:
         pass
+
+
+@contextmanager
+def _streaming(nets: Sequence[nn.Module], batch_statistics: nn.Module | None) -> Iterator[None]:
+    """`nets` in eval mode while a stream moves, the BatchNorm layers of `batch_statistics` (the
+    copy, where asked) normalising by each batch's statistics; every train flag restored after."""
+    modes = [(m, m.training) for net in nets for m in net.modules()]
+    for net in nets:
+        net.eval()
+    if batch_statistics is not None:
+        for norm in batch_norms(batch_statistics):
+            norm.train()
+    try:
+        yield
+    finally:
+        for m, flag in modes:
+            m.training = flag
 
 
 class PairedStreams:
@@ -82,13 +95,7 @@ class PairedStreams:
         if cut <= self.cut and not self.pending:
             return
         nets = (self.source, self.work) if self.follow_source else (self.work,)
-        modes = [(m, m.training) for net in nets for m in net.modules()]
-        for net in nets:
-            net.eval()
-        if batch_statistics:
-            for norm in batch_norms(self.work):
-                norm.train()
-        try:
+        with _streaming(nets, self.work if batch_statistics else None):
             moved = {id(net): self.folder.cache() for net in nets}
             starts = {id(net): (self.cut, self.caches[id(net)]) for net in nets}
             if self.pending is not None:
@@ -98,9 +105,6 @@ class PairedStreams:
                     begin, cache = starts[id(net)]
                     moved[id(net)].put(index, self.segments.run(net, begin, cache.get(index), cut))
                 report(self.progress, task, index + 1, len(self.batches))
-        finally:
-            for m, flag in modes:
-                m.training = flag
         for _, cache in starts.values():
             cache.drop()
         self.caches, self.cut, self.pending = dict(moved), cut, None
@@ -177,21 +181,13 @@ class SteppedStream:
         target = self.segments.position(name)
         if target <= self.position:
             return
-        modes = [(m, m.training) for m in self.work.modules()]
-        self.work.eval()
-        if batch_statistics:
-            for norm in batch_norms(self.work):
-                norm.train()
-        try:
+        with _streaming((self.work,), self.work if batch_statistics else None):
             moved = {n: self.folder.cache() for n in self.segments.live_at(target)}
             for index in range(len(self.batches)):
                 values = {n: cache.pop(index) for n, cache in self.states.items()}
                 for n, value in self.segments.step(self.work, values, self.position, target).items():
                     moved[n].put(index, value, owned=True)
                 report(self.progress, task, index + 1, len(self.batches))
-        finally:
-            for m, flag in modes:
-                m.training = flag
         for cache in self.states.values():
             cache.drop()
         self.states, self.position = dict(moved), target
