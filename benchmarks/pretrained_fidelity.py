@@ -129,7 +129,7 @@ def case_table(size: int, images: int, minutes: float) -> dict[str, Case]:
     """The retrofits compared: name → run(untied model, fit folder, int8's fidelity) → the model to
     measure. The `--batchnorm measure` cases are what `kshare retrofit` does by default."""
     def run(policy: str, recalibrate: RecalibrateConfig | bool | None = None, batchnorm: str | None = None,
-            distill: int = 0, **fit_options: object) -> Case:
+            distill: int = 0, relax: str | None = None, **fit_options: object) -> Case:
         def go(model: torch.nn.Module, fit: Path, _: Fidelity | None) -> torch.nn.Module:
             config: FitConfig | None = FitConfig(images=images, batch_size=64, **fit_options)  # type: ignore[arg-type]
             recal = recalibrate
@@ -137,7 +137,7 @@ def case_table(size: int, images: int, minutes: float) -> dict[str, Case]:
                 config, recal = batchnorm_mode(batchnorm, config)
             # distillation keeps its best epoch by fidelity on fit crops it holds out (DISTILL_HELD)
             report = retrofit(model, policy, f"images:{fit}", fit=config, held_out=DISTILL_HELD if distill else 0,
-                              image_size=size, recalibrate=recal, costs_of_groups=False,  # type: ignore[arg-type]
+                              image_size=size, relax=relax, recalibrate=recal, costs_of_groups=False,  # type: ignore[arg-type]
                               distill=DistillConfig(epochs=distill, batch_size=32) if distill else None)
             for e in report.distillation:
                 print(f"  distillation epoch {e.epoch}: {e.fidelity.line('held-out fit crops')}"
@@ -158,14 +158,14 @@ def case_table(size: int, images: int, minutes: float) -> dict[str, Case]:
             return session
         return go
 
-    def search(metric: str, policy: str = "stage") -> Case:
+    def search(metric: str, policy: str = "stage", relax: str | None = None) -> Case:
         def go(model: torch.nn.Module, fit: Path, int8: Fidelity | None) -> torch.nn.Module:
             if int8 is None:
                 raise SystemExit("the search cases aim at int8's fidelity: drop --no-int8")
             config, recal = batchnorm_mode("measure", FitConfig(images=images, batch_size=64))
             target = f"agree={int8.top1:.3f}" if metric == "agree" else f"kl={int8.kl:.3f}"
             found = search_plan(model, target, f"images:{fit}", policy, fit=config, recalibrate=recal,
-                                time_limit=minutes * 60, image_size=size)
+                                time_limit=minutes * 60, image_size=size, relax=relax)
             print("  " + found.message(), flush=True)
             for t in found.trials:
                 print(f"  trial {t.index}: {t.reverted} untied, {t.params:,} params, top-1 {t.top1:.3f}, "
@@ -190,6 +190,8 @@ def case_table(size: int, images: int, minutes: float) -> dict[str, Case]:
         "budget:0.95, seq, --batchnorm measure, then int8 (--int8)": then_int8(run("budget:0.95", batchnorm="measure")),
         "search: --target agree=int8's, within stage": search("agree"),
         "search: --target kl=int8's, within stage": search("kl"),
+        "stage, seq, --batchnorm measure, --relax scale": run("stage", batchnorm="measure", relax="scale"),
+        "search: --target agree=int8's, within stage, --relax scale": search("agree", relax="scale"),
     }
 
 

@@ -135,3 +135,12 @@ def test_int8_export_refuses_low_rank_members_in_one_line(trained: nn.Module, tm
     with pytest.raises(ExportError, match="lora") as caught:
         export_int8(relaxed, tmp_path / "m.onnx", kshare.load_data("digits", "test"), calib_images=16, held_out=0)
     assert "\n" not in str(caught.value) and not (tmp_path / "m.onnx").exists()
+    _, spec = kshare.load_model(f"{Path(__file__).parent / 'conftest.py'}:make_residual_bn_used",
+                                {"in_chans": 1, "width": 16}, None)
+    kshare.save(relaxed, tmp_path / "relaxed.pt", spec=spec)
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "relaxed.pt"), "--onnx", str(tmp_path / "m.onnx"),
+                                      "--int8", "--data", "digits", "--calib-images", "16", "--trust-code"],
+                                env={"COLUMNS": "200"})
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and lines[-1].startswith("error:") and "lora" in lines[-1], result.output
+    assert not (tmp_path / "m.onnx").exists()

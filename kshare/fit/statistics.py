@@ -271,7 +271,8 @@ def collect(model: nn.Module, members: Sequence[str], batches: Sequence[torch.Te
     originals = dict(source.named_modules()) if source is not None else convs
     found: dict[str, Moments] = {}
     collector = _Collector({convs[n]: n for n in members}, positions, seed, stop_after=set(members))
-    source_collector = _Collector({originals[n]: n for n in members}, positions, seed, stop_after=set(members))
+    source_collector = _Collector({originals[n]: n for n in members}, positions, seed, stop_after=set(members)) \
+        if source is not None and given is None else None  # given: the source's outputs were read once
     nets = [net for net in (model, source) if net is not None]
     modes = [(m, m.training) for net in nets for m in net.modules()]
     for net in nets:
@@ -283,13 +284,13 @@ def collect(model: nn.Module, members: Sequence[str], batches: Sequence[torch.Te
         norm.train()
     try:
         for index in range(len(batches)):
-            collector.batch = source_collector.batch = index
-            collector.done, source_collector.done = set(), set()
+            collector.batch, collector.done = index, set()
             # each call's patches (a conv may run several times per forward: a detector's head, once per
             # feature level), so that the tied model's k-th call pairs with the original's k-th
             held: dict[str, list[torch.Tensor]] = {}
             calls: dict[str, int] = {}
-            if source is not None and given is None:
+            if source_collector is not None:
+                source_collector.batch, source_collector.done = index, set()
                 with source_collector.watching(
                         source, lambda name, conv, p, held=held: held.setdefault(name, []).append(p)):
                     run(source, index)

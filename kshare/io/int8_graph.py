@@ -142,9 +142,9 @@ def fold_batchnorms(path: Path) -> Folding:
 INT32_ROOM = 2**30  # the largest |bias| in int32 steps a requantised bias may take (int32 with a margin)
 
 
-def reshare_int8(path: Path, folding: Folding) -> int:
+def reshare_int8(path: Path, folding: Folding) -> None:
     """In the quantised (QDQ) ONNX file at `path`, make the members of each shared kernel read one
-    int8 tensor with their own scales (see the module); how many shared kernels that leaves.
+    int8 tensor with their own scales (see the module); the caller counts what the file holds.
     ExportError where a member conv lacks its DequantizeLinear input, weight or bias."""
     import numpy as np
     import onnx
@@ -194,4 +194,3 @@ def reshare_int8(path: Path, folding: Folding) -> int:
         weight.input[0] = name
     keep_read_initializers(graph)  # the members' own int8 copies
     onnx.save(proto, str(path))
-    return len(shared)
