@@ -53,9 +53,7 @@ def test_cli_export_int8_and_its_errors(tied: nn.Module, tmp_path: Path) -> None
     from PIL import Image
 
     checkpoint = tmp_path / "tied.pt"
-    _, spec = kshare.load_model(f"{Path(__file__).parent / 'conftest.py'}:make_residual_bn_used",
-                                {"in_chans": 1, "width": 16}, None)
-    kshare.save(tied, checkpoint, spec=spec)  # rebuilt from the test's own factory: --trust-code
+    _save_rebuildable(tied, checkpoint)
     pictures = tmp_path / "pictures"
     pictures.mkdir()
     data = kshare.load_data("digits", "test")
@@ -80,6 +78,14 @@ def test_cli_export_int8_and_its_errors(tied: nn.Module, tmp_path: Path) -> None
         assert not (tmp_path / "x.onnx").exists()
     code, out = run("export", checkpoint, "--onnx", tmp_path / "x.onnx", "--data", f"images:{pictures}")
     assert code == 2 and "--int8" in out, out
+
+
+def _save_rebuildable(model: nn.Module, path: Path) -> None:
+    """Save `model` (the `trained` fixture's architecture) with a spec the CLI rebuilds it from: the
+    test's own factory, loaded with --trust-code."""
+    _, spec = kshare.load_model(f"{Path(__file__).parent / 'conftest.py'}:make_residual_bn_used",
+                                {"in_chans": 1, "width": 16}, None)
+    kshare.save(model, path, spec=spec)
 
 
 def _fused_convs(path: Path, tmp: Path) -> int:
@@ -135,9 +141,7 @@ def test_int8_export_refuses_low_rank_members_in_one_line(trained: nn.Module, tm
     with pytest.raises(ExportError, match="lora") as caught:
         export_int8(relaxed, tmp_path / "m.onnx", kshare.load_data("digits", "test"), calib_images=16, held_out=0)
     assert "\n" not in str(caught.value) and not (tmp_path / "m.onnx").exists()
-    _, spec = kshare.load_model(f"{Path(__file__).parent / 'conftest.py'}:make_residual_bn_used",
-                                {"in_chans": 1, "width": 16}, None)
-    kshare.save(relaxed, tmp_path / "relaxed.pt", spec=spec)
+    _save_rebuildable(relaxed, tmp_path / "relaxed.pt")
     result = CliRunner().invoke(app, ["export", str(tmp_path / "relaxed.pt"), "--onnx", str(tmp_path / "m.onnx"),
                                       "--int8", "--data", "digits", "--calib-images", "16", "--trust-code"],
                                 env={"COLUMNS": "200"})

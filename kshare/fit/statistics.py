@@ -186,6 +186,10 @@ class _Collector:
     stop_after: set[str] = field(default_factory=set)
     done: set[str] = field(default_factory=set)
 
+    def start(self, index: int) -> None:
+        """Begin batch `index`: its positions drawn by that index, no watched conv seen yet."""
+        self.batch, self.done = index, set()
+
     @contextmanager
     def watching(self, model: nn.Module, keep: Any) -> Iterator[None]:
         """While the block runs, `keep(name, conv, patches)` hears of every watched conv's input."""
@@ -284,13 +288,13 @@ def collect(model: nn.Module, members: Sequence[str], batches: Sequence[torch.Te
         norm.train()
     try:
         for index in range(len(batches)):
-            collector.batch, collector.done = index, set()
+            collector.start(index)
             # each call's patches (a conv may run several times per forward: a detector's head, once per
             # feature level), so that the tied model's k-th call pairs with the original's k-th
             held: dict[str, list[torch.Tensor]] = {}
             calls: dict[str, int] = {}
             if source_collector is not None:
-                source_collector.batch, source_collector.done = index, set()
+                source_collector.start(index)
                 with source_collector.watching(
                         source, lambda name, conv, p, held=held: held.setdefault(name, []).append(p)):
                     run(source, index)
@@ -394,7 +398,7 @@ def source_outputs(source: nn.Module, names: Sequence[str], batches: Sequence[to
 
     try:
         for index, batch in enumerate(batches):
-            collector.batch, collector.done = index, set()
+            collector.start(index)
             for name in names:
                 outputs[name].append([])
             with collector.watching(source, keep):
